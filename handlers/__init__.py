@@ -1,0 +1,1 @@
+"""One module per topic: validate, write a batch in one statement, name the cache keys."""

@@ -1,0 +1,159 @@
+"""``feedback``: one row per (insight_id, user_id), last writer wins by event time.
+
+The rule lives in the upsert itself: a stored row is replaced only by an event whose
+``(occurred_at, event_key)`` is greater, and ``created_at`` only ever moves earlier.
+Two workers writing the same pair at once are serialised by the unique constraint's
+row lock, and whichever commits last still keeps the newest event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from handlers.events import BatchOutcome, event_key, utc
+from handlers.tables import insight_feedback
+from schemas.feedback import FLAG_TYPES, FeedbackEvent, FeedbackRecord, FeedbackStats
+from worker.db import driver_connection
+
+STATS_TTL_S = 3600
+
+
+def stats_cache_key(insight_id: str) -> str:
+    return f"feedback:stats:{insight_id}"
+
+
+@dataclass(frozen=True)
+class _Row:
+    """The batch's net effect on one (insight_id, user_id)."""
+
+    winner: FeedbackEvent
+    winner_key: bytes
+    earliest: datetime
+
+
+_NEWER = "(EXCLUDED.updated_at, EXCLUDED.event_key) > (f.updated_at, f.event_key)"
+
+
+def _take_newer(column: str) -> str:
+    return f"{column} = CASE WHEN {_NEWER} THEN EXCLUDED.{column} ELSE f.{column} END"
+
+
+UPSERT_SQL = f"""
+INSERT INTO insight_feedback AS f
+    (insight_id, user_id, rating, comment, flag_type, flag_reason,
+     created_at, updated_at, event_key)
+SELECT * FROM unnest(
+    $1::text[], $2::text[], $3::int[], $4::text[], $5::text[], $6::text[],
+    $7::timestamptz[], $8::timestamptz[], $9::bytea[])
+ON CONFLICT ON CONSTRAINT uq_insight_feedback_insight_user DO UPDATE SET
+    {", ".join(_take_newer(c) for c in ("rating", "comment", "flag_type", "flag_reason"))},
+    created_at = LEAST(f.created_at, EXCLUDED.created_at),
+    {_take_newer("updated_at")},
+    {_take_newer("event_key")}
+"""
+
+
+def _reduce(events: Sequence[FeedbackEvent]) -> list[_Row]:
+    """Fold the batch per pair: one upsert may touch each row only once."""
+    rows: dict[tuple[str, str], _Row] = {}
+    for event in events:
+        pair = (event.insight_id, event.user_id)
+        key = event_key(event)
+        seen = rows.get(pair)
+        if seen is None:
+            rows[pair] = _Row(event, key, event.occurred_at)
+            continue
+        newer = (event.occurred_at, key) > (seen.winner.occurred_at, seen.winner_key)
+        rows[pair] = _Row(
+            event if newer else seen.winner,
+            key if newer else seen.winner_key,
+            min(seen.earliest, event.occurred_at),
+        )
+    # A fixed order of row locks keeps concurrent batches from deadlocking.
+    return [rows[pair] for pair in sorted(rows)]
+
+
+async def write(conn: AsyncConnection, events: Sequence[FeedbackEvent]) -> BatchOutcome:
+    """Apply a batch of feedback events in one statement. Every event applies."""
+    if not events:
+        return BatchOutcome()
+    rows = _reduce(events)
+    driver = await driver_connection(conn)
+    await driver.execute(
+        UPSERT_SQL,
+        [r.winner.insight_id for r in rows],
+        [r.winner.user_id for r in rows],
+        [r.winner.rating for r in rows],
+        [r.winner.comment for r in rows],
+        [r.winner.flag_type for r in rows],
+        [r.winner.flag_reason for r in rows],
+        [utc(r.earliest) for r in rows],
+        [utc(r.winner.occurred_at) for r in rows],
+        [r.winner_key for r in rows],
+    )
+    return BatchOutcome(cache_keys=frozenset(stats_cache_key(r.winner.insight_id) for r in rows))
+
+
+async def stats(conn: AsyncConnection, insight_id: str) -> FeedbackStats:
+    """``FeedbackStats`` of one insight in one aggregate query (zeros when none)."""
+    fb = insight_feedback.c
+    totals = select(
+        func.count(fb.rating).label("total_ratings"),
+        func.coalesce(func.avg(fb.rating), 0).label("average_rating"),
+        func.count().filter(func.length(fb.comment) > 0).label("total_comments"),
+        func.count(fb.flag_type).label("total_flags"),
+        *(func.count().filter(fb.rating == n).label(f"r{n}") for n in range(1, 6)),
+        *(func.count().filter(fb.flag_type == f).label(f"f_{f}") for f in FLAG_TYPES),
+    ).where(fb.insight_id == insight_id)
+    row = (await conn.execute(totals)).one()._mapping
+    return FeedbackStats(
+        insight_id=insight_id,
+        total_ratings=row["total_ratings"],
+        average_rating=round(float(row["average_rating"]), 4),
+        rating_distribution={n: row[f"r{n}"] for n in range(1, 6)},
+        total_comments=row["total_comments"],
+        total_flags=row["total_flags"],
+        flag_types={f: row[f"f_{f}"] for f in FLAG_TYPES if row[f"f_{f}"]},
+    )
+
+
+async def list_feedback(
+    conn: AsyncConnection,
+    *,
+    insight_id: str | None = None,
+    user_id: str | None = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    limit: int = 100,
+) -> list[FeedbackRecord]:
+    """Feedback rows, newest first; ``start``/``end`` bound ``updated_at`` (end excluded)."""
+    fb = insight_feedback.c
+    query = (
+        select(
+            fb.insight_id,
+            fb.user_id,
+            fb.rating,
+            fb.comment,
+            fb.flag_type,
+            fb.flag_reason,
+            fb.created_at,
+            fb.updated_at,
+        )
+        .order_by(fb.updated_at.desc(), fb.insight_id, fb.user_id)
+        .limit(limit)
+    )
+    if insight_id is not None:
+        query = query.where(fb.insight_id == insight_id)
+    if user_id is not None:
+        query = query.where(fb.user_id == user_id)
+    if start is not None:
+        query = query.where(fb.updated_at >= start)
+    if end is not None:
+        query = query.where(fb.updated_at < end)
+    result = await conn.execute(query)
+    return [FeedbackRecord.model_validate(dict(r._mapping)) for r in result]

@@ -1,0 +1,261 @@
+"""``metrics``: each sample identity stored once in the partitioned ``system_metrics``.
+
+A sample's identity is its ``event_id``, or the UUIDv5 of its canonical JSON when it
+has none, so a republished sample is the same sample. Because a primary key of a
+partitioned table must contain the partition key, the identity is made unique across
+months by ``system_metric_ids``: one statement inserts the identities, and only the
+ones that were new go on into ``system_metrics``.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import asyncpg
+from sqlalchemy import func, literal_column, select, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from handlers.events import BatchOutcome, canonical_json
+from handlers.tables import system_metrics
+from schemas.metrics import MetricAggregate, MetricPoint, MetricRecord, MetricSample
+from worker.db import driver_connection, transaction
+from worker.exceptions import QueryError, ValidationError
+
+RECENT_TTL_S = 300
+RECENT_LIMIT = 100
+
+# Fixed forever: changing it would give every republished sample a new identity.
+IDENTITY_NAMESPACE = uuid.UUID("4c0b6a58-5d8e-4f6b-9a1e-2b7f0c3d9e10")
+
+
+def recent_cache_key(service_name: str, metric_type: str) -> str:
+    return f"metrics:{service_name}:{metric_type}:recent"
+
+
+def sample_identity(sample: MetricSample) -> uuid.UUID:
+    """``event_id``, or the UUIDv5 of the sample's canonical JSON."""
+    if sample.event_id is not None:
+        return sample.event_id
+    body: dict[str, Any] = {
+        "service_name": sample.service_name,
+        "metric_type": sample.metric_type,
+        "metric_value": sample.metric_value,
+        "unit": sample.unit,
+    }
+    if sample.timestamp is not None:
+        body["timestamp"] = sample.timestamp.astimezone(UTC).isoformat()
+    if sample.metadata is not None:
+        body["metadata"] = sample.metadata
+    return uuid.uuid5(IDENTITY_NAMESPACE, canonical_json(body).decode("utf-8"))
+
+
+@dataclass(frozen=True)
+class MetricsMessage:
+    """The samples of one message, with the publish time their timestamps default to."""
+
+    samples: tuple[MetricSample, ...]
+    published_at: datetime
+
+
+@dataclass(frozen=True)
+class _Row:
+    id: uuid.UUID
+    service_name: str
+    metric_type: str
+    metric_value: float
+    unit: str
+    timestamp: datetime
+    metadata: str | None
+
+
+def _rows(messages: Iterable[MetricsMessage]) -> list[_Row]:
+    rows: dict[uuid.UUID, _Row] = {}
+    for message in messages:
+        for s in message.samples:
+            identity = sample_identity(s)
+            if identity in rows:
+                continue  # a duplicate inside the batch: the first one stands
+            moment = (s.timestamp or message.published_at).astimezone(UTC)
+            rows[identity] = _Row(
+                identity,
+                s.service_name,
+                s.metric_type,
+                s.metric_value,
+                s.unit,
+                moment,
+                None if s.metadata is None else json.dumps(s.metadata, ensure_ascii=False),
+            )
+    return sorted(rows.values(), key=lambda r: r.id)
+
+
+def _month(moment: datetime) -> tuple[int, int]:
+    utc_moment = moment.astimezone(UTC)
+    return (utc_moment.year, utc_moment.month)
+
+
+class MetricPartitions:
+    """Creates missing month partitions before a write needs them.
+
+    Known months are remembered per process, so the usual batch costs nothing here;
+    a new month costs one short transaction of its own, never inside the batch's,
+    so the parent table's lock is not held while rows are written.
+    """
+
+    def __init__(self) -> None:
+        self._known: set[tuple[int, int]] = set()
+
+    def forget(self) -> None:
+        self._known.clear()
+
+    async def ensure(self, engine: AsyncEngine, moments: Iterable[datetime]) -> None:
+        missing = {_month(m) for m in moments} - self._known
+        if not missing:
+            return
+        firsts = [datetime(y, m, 1, tzinfo=UTC) for y, m in sorted(missing)]
+        async with transaction(engine) as conn:
+            await conn.execute(
+                text(
+                    "SELECT ensure_system_metrics_partition(m)"
+                    " FROM unnest(CAST(:months AS timestamptz[])) AS m"
+                ),
+                {"months": firsts},
+            )
+        self._known |= missing
+
+
+INSERT_SQL = """
+WITH input AS (
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::float8[], $5::text[],
+                         $6::timestamptz[], $7::jsonb[])
+        AS t(id, service_name, metric_type, metric_value, unit, ts, metadata)
+), fresh AS (
+    INSERT INTO system_metric_ids (id, "timestamp")
+    SELECT id, ts FROM input
+    ON CONFLICT ON CONSTRAINT pk_system_metric_ids DO NOTHING
+    RETURNING id
+)
+INSERT INTO system_metrics
+    (id, service_name, metric_type, metric_value, unit, "timestamp", metadata)
+SELECT i.id, i.service_name, i.metric_type, i.metric_value, i.unit, i.ts, i.metadata
+FROM input AS i JOIN fresh USING (id)
+"""
+
+
+def timestamps(messages: Iterable[MetricsMessage]) -> list[datetime]:
+    """Every time a batch will write at, for ``MetricPartitions.ensure``."""
+    return [s.timestamp or m.published_at for m in messages for s in m.samples]
+
+
+async def write(
+    conn: AsyncConnection, messages: Sequence[MetricsMessage], partitions: MetricPartitions
+) -> BatchOutcome:
+    """Store every new sample identity of the batch in one statement.
+
+    The caller has run ``partitions.ensure`` for ``timestamps(messages)`` first.
+    """
+    rows = _rows(messages)
+    if not rows:
+        return BatchOutcome()
+    driver = await driver_connection(conn)
+    try:
+        await driver.execute(
+            INSERT_SQL,
+            [r.id for r in rows],
+            [r.service_name for r in rows],
+            [r.metric_type for r in rows],
+            [r.metric_value for r in rows],
+            [r.unit for r in rows],
+            [r.timestamp for r in rows],
+            [r.metadata for r in rows],
+        )
+    except asyncpg.CheckViolationError as error:
+        if "no partition" not in str(error):
+            raise
+        # A partition this process believed in was dropped (retention): relearn.
+        partitions.forget()
+        raise QueryError(f"metrics partition missing, will be recreated: {error}") from error
+    # Every series the batch names, inserted now or before: a redelivered batch is a
+    # no-op write that still names its keys (invalidations are at least once).
+    keys = {recent_cache_key(r.service_name, r.metric_type) for r in rows}
+    return BatchOutcome(cache_keys=frozenset(keys))
+
+
+async def recent(
+    conn: AsyncConnection, service_name: str, metric_type: str, limit: int = RECENT_LIMIT
+) -> list[MetricPoint]:
+    """The latest samples of a series, newest first (the cached read)."""
+    m = system_metrics.c
+    rows = await conn.execute(
+        select(m.timestamp, m.metric_value, m.unit, m.metadata)
+        .where(m.service_name == service_name, m.metric_type == metric_type)
+        .order_by(m.timestamp.desc(), m.id.desc())
+        .limit(limit)
+    )
+    return [MetricPoint.model_validate(dict(r._mapping)) for r in rows]
+
+
+async def get_metrics(
+    conn: AsyncConnection,
+    *,
+    service_name: str,
+    metric_type: str | None = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    limit: int = 1000,
+) -> list[MetricRecord]:
+    """Samples of a service in ``[start, end)``, newest first."""
+    m = system_metrics.c
+    query = (
+        select(m.id, m.service_name, m.metric_type, m.metric_value, m.unit, m.timestamp, m.metadata)
+        .where(m.service_name == service_name)
+        .order_by(m.timestamp.desc(), m.id.desc())
+        .limit(limit)
+    )
+    if metric_type is not None:
+        query = query.where(m.metric_type == metric_type)
+    if start is not None:
+        query = query.where(m.timestamp >= start)
+    if end is not None:
+        query = query.where(m.timestamp < end)
+    rows = await conn.execute(query)
+    return [MetricRecord.model_validate(dict(r._mapping)) for r in rows]
+
+
+async def aggregate(
+    conn: AsyncConnection,
+    *,
+    service_name: str,
+    metric_type: str,
+    interval: Literal["hour", "day"],
+    start: datetime | None = None,
+    end: datetime | None = None,
+) -> list[MetricAggregate]:
+    """avg, min, max and count per UTC hour or day in ``[start, end)``, oldest first."""
+    if interval not in ("hour", "day"):
+        raise ValidationError(f"interval: must be 'hour' or 'day', got {interval!r}")
+    m = system_metrics.c
+    # A literal, not a parameter: GROUP BY must see the very same expression.
+    bucket = func.date_trunc(literal_column(f"'{interval}'"), m.timestamp, "UTC").label("bucket")
+    query = (
+        select(
+            bucket,
+            func.avg(m.metric_value).label("avg"),
+            func.min(m.metric_value).label("min"),
+            func.max(m.metric_value).label("max"),
+            func.count().label("count"),
+        )
+        .where(m.service_name == service_name, m.metric_type == metric_type)
+        .group_by(bucket)
+        .order_by(bucket)
+    )
+    if start is not None:
+        query = query.where(m.timestamp >= start)
+    if end is not None:
+        query = query.where(m.timestamp < end)
+    rows = await conn.execute(query)
+    return [MetricAggregate.model_validate({**r._mapping, "interval": interval}) for r in rows]

@@ -1,0 +1,233 @@
+"""``DatabaseService``: the design document's data service layer.
+
+A facade over the per-topic modules for callers that think in operations (the read
+API, the CLI, the demo) rather than in event batches. Every write goes through the
+same batch statements the worker uses, so the effect rules of CONTRACT.md hold for
+both, and every error is one of ``worker.exceptions``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from handlers import backfill, feedback, metrics
+from handlers.events import BatchOutcome
+from schemas.backfill import BackfillJobResponse, BackfillProgressEvent, BackfillStatus
+from schemas.feedback import FeedbackEvent, FeedbackRecord, FeedbackStats
+from schemas.metrics import MetricAggregate, MetricRecord, MetricSample
+from worker.db import connection, transaction
+from worker.exceptions import NotFoundError, PermanentError, ValidationError
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _raise_first(outcome: BatchOutcome) -> BatchOutcome:
+    for error in outcome.failures.values():
+        raise error
+    return outcome
+
+
+def _validated(model: Any, values: dict[str, Any]) -> Any:
+    """Build a payload model, turning a schema violation into ``ValidationError``."""
+    from pydantic import ValidationError as PydanticValidationError
+
+    try:
+        return model.model_validate(values)
+    except PydanticValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "payload"
+        raise ValidationError(f"{field}: {first['msg']}") from None
+
+
+class DatabaseService:
+    """Async data access on one engine (one pool), errors from ``worker.exceptions``."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.partitions = metrics.MetricPartitions()
+
+    # -- backfill jobs ---------------------------------------------------------------
+
+    async def apply_backfill_events(self, events: Sequence[BackfillProgressEvent]) -> BatchOutcome:
+        async with transaction(self.engine) as conn:
+            return await backfill.write(conn, events)
+
+    async def create_backfill_job(
+        self,
+        *,
+        job_type: str,
+        start_block: int,
+        end_block: int,
+        created_by: str | None = None,
+        job_id: uuid.UUID | None = None,
+    ) -> BackfillJobResponse:
+        event = _validated(
+            BackfillProgressEvent,
+            {
+                "job_id": job_id or uuid.uuid4(),
+                "job_type": job_type,
+                "start_block": start_block,
+                "end_block": end_block,
+                "current_block": start_block,
+                "status": "running",
+                "created_by": created_by,
+                "occurred_at": _now(),
+            },
+        )
+        _raise_first(await self.apply_backfill_events([event]))
+        return await self.get_backfill_job(event.job_id)
+
+    async def _progress(
+        self, job_id: uuid.UUID, status: BackfillStatus, **changes: Any
+    ) -> BackfillJobResponse:
+        job = await self.get_backfill_job(job_id)
+        event = _validated(
+            BackfillProgressEvent,
+            {
+                "job_id": job.job_id,
+                "job_type": job.job_type,
+                "start_block": job.start_block,
+                "end_block": job.end_block,
+                "current_block": job.current_block,
+                "status": status,
+                "occurred_at": _now(),
+                **changes,
+            },
+        )
+        _raise_first(await self.apply_backfill_events([event]))
+        return await self.get_backfill_job(job_id)
+
+    async def update_backfill_progress(
+        self,
+        job_id: uuid.UUID,
+        current_block: int,
+        *,
+        status: BackfillStatus = "running",
+        estimated_completion: datetime | None = None,
+    ) -> BackfillJobResponse:
+        return await self._progress(
+            job_id, status, current_block=current_block, estimated_completion=estimated_completion
+        )
+
+    async def complete_backfill_job(self, job_id: uuid.UUID) -> BackfillJobResponse:
+        job = await self.get_backfill_job(job_id)
+        return await self._progress(job_id, "completed", current_block=job.end_block)
+
+    async def fail_backfill_job(self, job_id: uuid.UUID, error_message: str) -> BackfillJobResponse:
+        return await self._progress(job_id, "failed", error_message=error_message)
+
+    async def get_backfill_job(self, job_id: uuid.UUID) -> BackfillJobResponse:
+        async with connection(self.engine) as conn:
+            job = await backfill.get_job(conn, job_id)
+        if job is None:
+            raise NotFoundError(f"backfill job {job_id} not found")
+        return job
+
+    async def list_backfill_jobs(
+        self,
+        status: BackfillStatus | None = None,
+        job_type: str | None = None,
+        limit: int = 50,
+    ) -> list[BackfillJobResponse]:
+        if not 1 <= limit <= 1000:
+            raise ValidationError("limit: must be between 1 and 1000")
+        async with connection(self.engine) as conn:
+            return await backfill.list_jobs(conn, status=status, job_type=job_type, limit=limit)
+
+    # -- feedback --------------------------------------------------------------------
+
+    async def apply_feedback_events(self, events: Sequence[FeedbackEvent]) -> BatchOutcome:
+        async with transaction(self.engine) as conn:
+            return await feedback.write(conn, events)
+
+    async def create_feedback(self, event: FeedbackEvent) -> FeedbackRecord:
+        """Upsert one feedback event; returns the row as stored (which may be newer)."""
+        await self.apply_feedback_events([event])
+        rows = await self.list_feedback(insight_id=event.insight_id, user_id=event.user_id)
+        return rows[0]
+
+    async def get_feedback_stats(self, insight_id: str) -> FeedbackStats:
+        async with connection(self.engine) as conn:
+            return await feedback.stats(conn, insight_id)
+
+    async def list_feedback(
+        self,
+        insight_id: str | None = None,
+        user_id: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        limit: int = 100,
+    ) -> list[FeedbackRecord]:
+        if not 1 <= limit <= 1000:
+            raise ValidationError("limit: must be between 1 and 1000")
+        async with connection(self.engine) as conn:
+            return await feedback.list_feedback(
+                conn, insight_id=insight_id, user_id=user_id, start=start, end=end, limit=limit
+            )
+
+    # -- metrics ---------------------------------------------------------------------
+
+    async def apply_metric_messages(
+        self, messages: Sequence[metrics.MetricsMessage]
+    ) -> BatchOutcome:
+        await self.partitions.ensure(self.engine, metrics.timestamps(messages))
+        async with transaction(self.engine) as conn:
+            return await metrics.write(conn, messages, self.partitions)
+
+    async def record_metric(self, sample: MetricSample) -> uuid.UUID:
+        """Store one sample (once, however often called); returns its identity."""
+        await self.record_metrics_batch([sample])
+        return metrics.sample_identity(sample)
+
+    async def record_metrics_batch(self, samples: Sequence[MetricSample]) -> list[uuid.UUID]:
+        message = metrics.MetricsMessage(tuple(samples), _now())
+        await self.apply_metric_messages([message])
+        return [metrics.sample_identity(s) for s in samples]
+
+    async def get_metrics(
+        self,
+        service_name: str,
+        metric_type: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        limit: int = 1000,
+    ) -> list[MetricRecord]:
+        if not 1 <= limit <= 10_000:
+            raise ValidationError("limit: must be between 1 and 10000")
+        async with connection(self.engine) as conn:
+            return await metrics.get_metrics(
+                conn,
+                service_name=service_name,
+                metric_type=metric_type,
+                start=start,
+                end=end,
+                limit=limit,
+            )
+
+    async def aggregate_metrics(
+        self,
+        service_name: str,
+        metric_type: str,
+        interval: Literal["hour", "day"],
+        start: datetime | None = None,
+        end: datetime | None = None,
+    ) -> list[MetricAggregate]:
+        async with connection(self.engine) as conn:
+            return await metrics.aggregate(
+                conn,
+                service_name=service_name,
+                metric_type=metric_type,
+                interval=interval,
+                start=start,
+                end=end,
+            )
+
+
+__all__ = ["DatabaseService", "PermanentError"]

@@ -1,0 +1,1 @@
+"""Pydantic models of the wire payloads (CONTRACT.md) and of the read responses."""

@@ -1,0 +1,1 @@
+"""utxoIQ persistence worker: the runtime (config, database, sources, CLI)."""

@@ -1,0 +1,71 @@
+"""Settings read from the environment (CONTRACT.md, Configuration)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+DEFAULT_DATABASE_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/utxoiq"
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = DEFAULT_DATABASE_URL
+    database_pool_size: int = 10
+    database_max_overflow: int = 20
+    database_pool_timeout_s: int = 30
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_max_connections: int = 50
+    google_cloud_project: str = "utxoiq-local"
+    pubsub_emulator_host: str | None = None
+    backup_url: str = "file://./var/backups"
+    archive_url: str = "file://./var/archive"
+    backup_retention_days: int = 7
+    metrics_retention_days: int = 90
+    feedback_retention_days: int = 730
+    backfill_retention_days: int = 180
+    port: int = 8080
+    push_audience: str | None = None
+    push_service_accounts: tuple[str, ...] = field(default_factory=tuple)
+    push_auth: str = "required"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        push_auth = env.get("PUSH_AUTH", "required")
+        if push_auth not in ("required", "disabled"):
+            raise ValueError(f"PUSH_AUTH must be 'required' or 'disabled', got {push_auth!r}")
+        accounts = tuple(
+            a.strip() for a in env.get("PUSH_SERVICE_ACCOUNTS", "").split(",") if a.strip()
+        )
+        return cls(
+            database_url=env.get("DATABASE_URL") or DEFAULT_DATABASE_URL,
+            database_pool_size=_int(env, "DATABASE_POOL_SIZE", 10),
+            database_max_overflow=_int(env, "DATABASE_MAX_OVERFLOW", 20),
+            database_pool_timeout_s=_int(env, "DATABASE_POOL_TIMEOUT", 30),
+            redis_url=env.get("REDIS_URL") or "redis://127.0.0.1:6379/0",
+            redis_max_connections=_int(env, "REDIS_MAX_CONNECTIONS", 50),
+            google_cloud_project=env.get("GOOGLE_CLOUD_PROJECT") or "utxoiq-local",
+            pubsub_emulator_host=env.get("PUBSUB_EMULATOR_HOST") or None,
+            backup_url=env.get("BACKUP_URL") or "file://./var/backups",
+            archive_url=env.get("ARCHIVE_URL") or "file://./var/archive",
+            backup_retention_days=_int(env, "BACKUP_RETENTION_DAYS", 7),
+            metrics_retention_days=_int(env, "METRICS_RETENTION_DAYS", 90),
+            feedback_retention_days=_int(env, "FEEDBACK_RETENTION_DAYS", 730),
+            backfill_retention_days=_int(env, "BACKFILL_RETENTION_DAYS", 180),
+            port=_int(env, "PORT", 8080),
+            push_audience=env.get("PUSH_AUDIENCE") or None,
+            push_service_accounts=accounts,
+            push_auth=push_auth,
+        )

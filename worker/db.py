@@ -1,0 +1,150 @@
+"""The database boundary: one async engine, and driver errors translated once.
+
+Every statement of the worker runs inside ``wrap_exceptions`` (directly or through
+``transaction``), so callers only ever see ``worker.exceptions`` types: transient
+ones (connection lost, pool timeout, deadlock) that the runtime nacks, and
+permanent ones (constraint, bad value) that it dead-letters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+import sqlalchemy.exc as sa_exc
+from sqlalchemy import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from worker import exceptions as exc
+from worker.config import Settings
+
+log = logging.getLogger(__name__)
+
+# SQLSTATE classes and codes that succeed when simply tried again.
+_TRANSIENT_SQLSTATES = {
+    "40001",  # serialization_failure
+    "40P01",  # deadlock_detected
+    "55P03",  # lock_not_available
+    "57014",  # query_canceled (statement_timeout)
+    "57P01",  # admin_shutdown
+    "57P02",  # crash_shutdown
+    "57P03",  # cannot_connect_now
+    "53300",  # too_many_connections
+    "53400",  # configuration_limit_exceeded
+}
+
+
+def create_engine(settings: Settings, **overrides: Any) -> AsyncEngine:
+    """The worker's one connection pool, sized from the environment."""
+    options: dict[str, Any] = {
+        "pool_size": settings.database_pool_size,
+        "max_overflow": settings.database_max_overflow,
+        "pool_timeout": settings.database_pool_timeout_s,
+        # A connection killed by a database restart is detected and replaced.
+        "pool_pre_ping": True,
+        "connect_args": {"timeout": 10, "command_timeout": 60},
+    }
+    options.update(overrides)
+    return create_async_engine(settings.database_url, **options)
+
+
+def translate(error: BaseException) -> exc.WorkerError:
+    """Map a driver or SQLAlchemy error onto the worker's hierarchy."""
+    if isinstance(error, exc.WorkerError):
+        return error
+    original: BaseException = error
+    if isinstance(error, sa_exc.DBAPIError) and error.orig is not None:
+        original = error.orig
+        # SQLAlchemy's asyncpg adapter wraps the driver error once more.
+        original = getattr(original, "__cause__", None) or original
+    if isinstance(error, sa_exc.TimeoutError):
+        return exc.ConnectionError(f"connection pool timed out: {error}")
+    sqlstate = getattr(original, "sqlstate", None)
+    detail = str(original).strip() or type(original).__name__
+    if isinstance(original, (OSError, asyncio.TimeoutError, TimeoutError)):
+        return exc.ConnectionError(f"database unreachable: {detail}")
+    if isinstance(
+        original,
+        (asyncpg.exceptions.ConnectionDoesNotExistError, asyncpg.InterfaceError),
+    ):
+        return exc.ConnectionError(f"database connection lost: {detail}")
+    if isinstance(original, asyncpg.PostgresConnectionError) or (
+        sqlstate is not None and (sqlstate.startswith("08") or sqlstate in _TRANSIENT_SQLSTATES)
+    ):
+        return exc.ConnectionError(f"database unavailable ({sqlstate}): {detail}")
+    if sqlstate is not None and sqlstate.startswith("23"):
+        return exc.IntegrityError(f"constraint violated ({sqlstate}): {detail}")
+    if sqlstate is not None and sqlstate.startswith("22"):
+        return exc.ValidationError(f"value refused by the database ({sqlstate}): {detail}")
+    if isinstance(error, (sa_exc.OperationalError, sa_exc.InterfaceError)):
+        return exc.ConnectionError(f"database unavailable: {detail}")
+    return exc.QueryError(f"query failed ({sqlstate}): {detail}")
+
+
+@asynccontextmanager
+async def wrap_exceptions() -> AsyncIterator[None]:
+    """Re-raise anything the driver raises as a ``worker.exceptions`` error."""
+    try:
+        yield
+    except exc.WorkerError:
+        raise
+    except (sa_exc.SQLAlchemyError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        raise translate(error) from error
+    except (OSError, TimeoutError) as error:
+        raise translate(error) from error
+
+
+@asynccontextmanager
+async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """One transaction on a pooled connection, errors translated."""
+    async with wrap_exceptions(), engine.begin() as conn:
+        yield conn
+
+
+@asynccontextmanager
+async def connection(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A pooled connection for reads (autobegin, rolled back on exit), errors translated."""
+    async with wrap_exceptions(), engine.connect() as conn:
+        yield conn
+
+
+async def driver_connection(conn: AsyncConnection) -> Any:
+    """The asyncpg connection under ``conn``, inside its transaction.
+
+    Batch statements go straight to asyncpg with array parameters: one prepared
+    statement, one round trip, no per-row work in SQLAlchemy.
+    """
+    raw = await conn.get_raw_connection()
+    return raw.driver_connection
+
+
+async def create_database_if_missing(database_url: str) -> bool:
+    """Create the database named in ``database_url``; True if it was created."""
+    url = make_url(database_url)
+    name = url.database
+    if not name:
+        raise exc.ConnectionError("DATABASE_URL names no database")
+    admin = url.set(drivername="postgresql", database="postgres").render_as_string(
+        hide_password=False
+    )
+    try:
+        conn = await asyncpg.connect(admin, timeout=10)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as error:
+        raise translate(error) from error
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        if exists:
+            return False
+        quoted = '"' + name.replace('"', '""') + '"'
+        try:
+            await conn.execute(f"CREATE DATABASE {quoted}")
+        except asyncpg.DuplicateDatabaseError:
+            return False  # created by a concurrent caller
+        log.info("database created", extra={"database": name})
+        return True
+    finally:
+        await conn.close()

@@ -1,0 +1,95 @@
+"""The one exception hierarchy of the worker.
+
+The runtime maps every failure to one of two actions: a *permanent* error can never
+succeed, so its message is dead-lettered and acked; a *transient* error may succeed
+later, so its message is nacked and Pub/Sub redelivers it. Driver errors are
+translated into these at the storage boundary (see ``worker.db.wrap_exceptions``).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class WorkerError(Exception):
+    """Root of every error the worker raises on purpose."""
+
+    transient: ClassVar[bool] = False
+
+
+class PermanentError(WorkerError):
+    """The message can never be applied: dead-letter it with ``reason``.
+
+    ``reason`` is one of CONTRACT.md's dead-letter reasons; ``detail`` names the
+    offending field and is cut to 1024 characters.
+    """
+
+    reason: ClassVar[str] = "schema_violation"
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail[:1024]
+        super().__init__(self.detail)
+
+
+class TooLargeError(PermanentError):
+    reason = "too_large"
+
+
+class InvalidEncodingError(PermanentError):
+    reason = "invalid_encoding"
+
+
+class InvalidJsonError(PermanentError):
+    reason = "invalid_json"
+
+
+class SchemaViolationError(PermanentError):
+    reason = "schema_violation"
+
+
+class DatabaseError(WorkerError):
+    """Any failure of the database layer."""
+
+
+class ConnectionError(DatabaseError):
+    """The database is unreachable, the pool is exhausted, or a call timed out."""
+
+    transient = True
+
+
+class QueryError(DatabaseError):
+    """A statement failed for a reason other than the data (a bug, a lock, a cancel).
+
+    Transient: serialization failures, deadlocks and cancellations succeed on retry,
+    and a genuine bug reaches the dead-letter topic after Pub/Sub's five attempts.
+    """
+
+    transient = True
+
+
+class IntegrityError(DatabaseError, PermanentError):
+    """The data breaks a constraint of the schema."""
+
+    reason = "schema_violation"
+
+    def __init__(self, detail: str) -> None:
+        PermanentError.__init__(self, detail)
+
+
+class ConflictError(IntegrityError):
+    """An event disagrees with what is stored (a backfill job's fixed fields)."""
+
+    reason = "conflict"
+
+
+class NotFoundError(DatabaseError):
+    """The row asked for does not exist."""
+
+
+class ValidationError(DatabaseError, PermanentError):
+    """A value was refused by the schema of a payload or by the database."""
+
+    reason = "schema_violation"
+
+    def __init__(self, detail: str) -> None:
+        PermanentError.__init__(self, detail)
