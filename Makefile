@@ -1,0 +1,40 @@
+# The only entry points: README's commands, and .ci/run calls `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+UV := $(PYTHON) -m uv
+STACK := deploy/local/with-stack.sh
+SCENARIO ?=
+
+.PHONY: help install lint test demo bench migrate clean
+
+help:
+	@echo "make demo    start the local stack and run the main job on sample data"
+	@echo "make test    lint, type-check and run every test against the real stack"
+	@echo "make bench   benchmarks as JSON lines (SCENARIO=name for one)"
+
+# uv itself, then the locked dependencies (never re-resolved: --locked).
+install:
+	@$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet --disable-pip-version-check uv
+	@$(UV) sync --locked --quiet
+
+lint: install
+	$(UV) run --locked ruff check .
+	$(UV) run --locked ruff format --check .
+	$(UV) run --locked mypy
+
+test: lint
+	$(STACK) $(UV) run --locked pytest
+
+demo: install
+	$(STACK) $(UV) run --locked utxoiq-worker demo
+
+bench: install
+	$(STACK) $(UV) run --locked python -m bench $(SCENARIO)
+
+migrate: install
+	$(UV) run --locked utxoiq-worker migrate
+
+clean:
+	rm -rf .run var .pytest_cache .mypy_cache .ruff_cache .hypothesis
