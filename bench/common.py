@@ -58,7 +58,10 @@ def asyncpg_dsn(settings: Settings) -> str:
 
 
 async def median_rate(
-    rounds: int, count: int, setup: Callable[[], Awaitable[None]], body: Callable[[], Awaitable[None]]
+    rounds: int,
+    count: int,
+    setup: Callable[[], Awaitable[None]],
+    body: Callable[[], Awaitable[None]],
 ) -> float:
     """Median of ``rounds`` measurements of ``count / seconds(body)``."""
     rates = []

@@ -82,15 +82,30 @@ async def run() -> None:
     try:
         samples = _samples(now)
         messages = [
-            MetricsMessage(tuple(samples[i : i + BATCH]), now) for i in range(0, len(samples), BATCH)
+            MetricsMessage(tuple(samples[i : i + BATCH]), now)
+            for i in range(0, len(samples), BATCH)
         ]
         records = [
-            (sample_identity(s), s.service_name, s.metric_type, s.metric_value, s.unit,
-             s.timestamp, json.dumps(s.metadata))
+            (
+                sample_identity(s),
+                s.service_name,
+                s.metric_type,
+                s.metric_value,
+                s.unit,
+                s.timestamp,
+                json.dumps(s.metadata),
+            )
             for s in samples
         ]
-        columns = ["id", "service_name", "metric_type", "metric_value", "unit", "timestamp",
-                   "metadata"]
+        columns = [
+            "id",
+            "service_name",
+            "metric_type",
+            "metric_value",
+            "unit",
+            "timestamp",
+            "metadata",
+        ]
 
         async def truncate_metrics() -> None:
             await raw.execute("TRUNCATE system_metrics, system_metric_ids")
@@ -127,9 +142,13 @@ async def run() -> None:
                 async with sessions() as session:
                     session.add(
                         NaiveFeedback(
-                            insight_id=f"naive_{i}", user_id=e.user_id, rating=e.rating,
-                            comment=e.comment, created_at=e.occurred_at,
-                            updated_at=e.occurred_at, event_key=b"",
+                            insight_id=f"naive_{i}",
+                            user_id=e.user_id,
+                            rating=e.rating,
+                            comment=e.comment,
+                            created_at=e.occurred_at,
+                            updated_at=e.occurred_at,
+                            event_key=b"",
                         )
                     )
                     await session.commit()

@@ -23,16 +23,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 from uuid import UUID
 
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from handlers.events import BatchOutcome, event_key, utc
+from handlers.events import event_key, utc, validate
 from handlers.tables import backfill_jobs
 from schemas.backfill import BackfillJobResponse, BackfillProgressEvent, BackfillStatus
-from worker.db import driver_connection
+from worker.db import driver_connection, transaction
 from worker.exceptions import ConflictError
+from worker.handler import BatchOutcome
 
 JOB_TTL_S = 300
 
@@ -293,3 +295,18 @@ async def list_jobs(
         query = query.where(backfill_jobs.c.job_type == job_type)
     rows = await conn.execute(query)
     return [BackfillJobResponse.model_validate(dict(r._mapping)) for r in rows]
+
+
+class BackfillHandler:
+    """The ``backfill-progress`` topic."""
+
+    topic = "backfill-progress"
+
+    def parse(self, payload: dict[str, Any], published_at: datetime) -> BackfillProgressEvent:
+        return validate(BackfillProgressEvent, payload)
+
+    async def apply(
+        self, engine: AsyncEngine, items: Sequence[BackfillProgressEvent]
+    ) -> BatchOutcome:
+        async with transaction(engine) as conn:
+            return await write(conn, items)

@@ -1,16 +1,18 @@
-"""What every handler shares: an event's order key and a batch's outcome."""
+"""What every handler shares: validation, canonical JSON and an event's order key."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
+from pydantic import ValidationError as PydanticValidationError
 
-from worker.exceptions import PermanentError
+from worker.exceptions import SchemaViolationError
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def canonical_json(value: Any) -> bytes:
@@ -33,14 +35,13 @@ def utc(moment: datetime) -> datetime:
     return moment.astimezone(UTC)
 
 
-@dataclass(frozen=True)
-class BatchOutcome:
-    """What a handler did with one batch.
-
-    ``failures`` maps the index of an event that can never apply to its permanent
-    error (the runtime dead-letters those); every other event was applied.
-    ``cache_keys`` names the Redis keys whose values the batch may have changed.
-    """
-
-    failures: dict[int, PermanentError] = field(default_factory=dict)
-    cache_keys: frozenset[str] = frozenset()
+def validate(model: type[M], payload: Any) -> M:
+    """Validate a decoded payload; a violation names its first offending field."""
+    try:
+        return model.model_validate(payload)
+    except PydanticValidationError as error:
+        problems = []
+        for problem in error.errors(include_url=False, include_input=False):
+            field = ".".join(str(part) for part in problem["loc"]) or "payload"
+            problems.append(f"{field}: {problem['msg']}")
+        raise SchemaViolationError("; ".join(problems)) from None

@@ -11,14 +11,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from handlers.events import BatchOutcome, event_key, utc
+from handlers.events import event_key, utc, validate
 from handlers.tables import insight_feedback
 from schemas.feedback import FLAG_TYPES, FeedbackEvent, FeedbackRecord, FeedbackStats
-from worker.db import driver_connection
+from worker.db import driver_connection, transaction
+from worker.handler import BatchOutcome
 
 STATS_TTL_S = 3600
 
@@ -157,3 +159,16 @@ async def list_feedback(
         query = query.where(fb.updated_at < end)
     result = await conn.execute(query)
     return [FeedbackRecord.model_validate(dict(r._mapping)) for r in result]
+
+
+class FeedbackHandler:
+    """The ``feedback`` topic."""
+
+    topic = "feedback"
+
+    def parse(self, payload: dict[str, Any], published_at: datetime) -> FeedbackEvent:
+        return validate(FeedbackEvent, payload)
+
+    async def apply(self, engine: AsyncEngine, items: Sequence[FeedbackEvent]) -> BatchOutcome:
+        async with transaction(engine) as conn:
+            return await write(conn, items)

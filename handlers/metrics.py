@@ -20,11 +20,18 @@ import asyncpg
 from sqlalchemy import func, literal_column, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from handlers.events import BatchOutcome, canonical_json
+from handlers.events import canonical_json, validate
 from handlers.tables import system_metrics
-from schemas.metrics import MetricAggregate, MetricPoint, MetricRecord, MetricSample
+from schemas.metrics import (
+    MetricAggregate,
+    MetricPoint,
+    MetricRecord,
+    MetricSample,
+    MetricsBatch,
+)
 from worker.db import driver_connection, transaction
 from worker.exceptions import QueryError, ValidationError
+from worker.handler import BatchOutcome
 
 RECENT_TTL_S = 300
 RECENT_LIMIT = 100
@@ -259,3 +266,24 @@ async def aggregate(
         query = query.where(m.timestamp < end)
     rows = await conn.execute(query)
     return [MetricAggregate.model_validate({**r._mapping, "interval": interval}) for r in rows]
+
+
+class MetricsHandler:
+    """The ``metrics`` topic: one sample, or up to 1000 in ``{"metrics": [...]}``."""
+
+    topic = "metrics"
+
+    def __init__(self) -> None:
+        self.partitions = MetricPartitions()
+
+    def parse(self, payload: dict[str, Any], published_at: datetime) -> MetricsMessage:
+        if "metrics" in payload:
+            # All or nothing: one bad sample refuses the whole message.
+            samples = validate(MetricsBatch, payload).metrics
+            return MetricsMessage(tuple(samples), published_at)
+        return MetricsMessage((validate(MetricSample, payload),), published_at)
+
+    async def apply(self, engine: AsyncEngine, items: Sequence[MetricsMessage]) -> BatchOutcome:
+        await self.partitions.ensure(engine, timestamps(items))
+        async with transaction(engine) as conn:
+            return await write(conn, items, self.partitions)

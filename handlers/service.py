@@ -16,12 +16,12 @@ from typing import Any, Literal
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from handlers import backfill, feedback, metrics
-from handlers.events import BatchOutcome
 from schemas.backfill import BackfillJobResponse, BackfillProgressEvent, BackfillStatus
 from schemas.feedback import FeedbackEvent, FeedbackRecord, FeedbackStats
 from schemas.metrics import MetricAggregate, MetricRecord, MetricSample
 from worker.db import connection, transaction
 from worker.exceptions import NotFoundError, PermanentError, ValidationError
+from worker.handler import BatchOutcome
 
 
 def _now() -> datetime:

@@ -12,6 +12,9 @@ from collections.abc import Sequence
 from worker import logs
 from worker.config import Settings
 from worker.exceptions import WorkerError
+from worker.pipeline import BatchSettings
+from worker.pull import PullSettings
+from worker.topology import INGEST_TOPICS
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,55 @@ def _parser() -> argparse.ArgumentParser:
     downgrade.add_argument("revision", help="target revision, e.g. base")
 
     commands.add_parser("demo", help="migrate, store sample data, print what was stored")
+
+    topology = commands.add_parser("topology", help="Pub/Sub topics and subscriptions")
+    topology.add_argument("action", choices=["apply", "render"])
+    topology.add_argument(
+        "--push-endpoint",
+        default=os.environ.get("PUSH_ENDPOINT"),
+        help="base URL of `serve`: create push subscriptions to URL/push/TOPIC (env PUSH_ENDPOINT)",
+    )
+
+    run = commands.add_parser("run", help="the pull worker")
+    run.add_argument(
+        "--only",
+        action="append",
+        choices=INGEST_TOPICS,
+        metavar="TOPIC",
+        default=_env_list("WORKER_TOPICS"),
+        help="consume only this topic (repeatable; env WORKER_TOPICS, comma list)",
+    )
+    defaults_b, defaults_p = BatchSettings(), PullSettings()
+    for name, default, text in (
+        ("max-batch-size", defaults_b.max_batch_size, "messages per batch"),
+        ("max-batch-delay-ms", defaults_b.max_batch_delay_ms, "oldest message's longest wait"),
+        (
+            "max-concurrent-flushes",
+            defaults_b.max_concurrent_flushes,
+            "batches in flight per topic",
+        ),
+        ("pullers", defaults_p.pullers, "concurrent pulls per subscription"),
+        (
+            "max-outstanding-messages",
+            defaults_p.max_outstanding_messages,
+            "received, not yet settled (per topic)",
+        ),
+        ("max-outstanding-bytes", defaults_p.max_outstanding_bytes, "same, in bytes"),
+    ):
+        env = "WORKER_" + name.upper().replace("-", "_")
+        run.add_argument(
+            f"--{name}",
+            type=int,
+            default=int(os.environ.get(env, default)),
+            help=f"{text} (env {env}, default {default})",
+        )
     return parser
+
+
+def _env_list(name: str) -> list[str] | None:
+    raw = os.environ.get(name, "")
+    values = [v.strip() for v in raw.split(",") if v.strip()]
+    return values or None
 
 
 async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
@@ -55,6 +106,32 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         from worker.demo import run_demo
 
         return await run_demo(settings)
+    if args.command == "topology":
+        from worker import topology
+
+        if args.action == "render":
+            sys.stdout.write(topology.render_json(args.push_endpoint))
+        else:
+            counts = await topology.apply(settings, args.push_endpoint)
+            print(" ".join(f"{k}={v}" for k, v in counts.items()))
+        return 0
+    if args.command == "run":
+        from worker.runner import RunOptions, run_worker
+
+        options = RunOptions(
+            topics=tuple(args.only or INGEST_TOPICS),
+            batch=BatchSettings(
+                max_batch_size=args.max_batch_size,
+                max_batch_delay_ms=args.max_batch_delay_ms,
+                max_concurrent_flushes=args.max_concurrent_flushes,
+            ),
+            pull=PullSettings(
+                pullers=args.pullers,
+                max_outstanding_messages=args.max_outstanding_messages,
+                max_outstanding_bytes=args.max_outstanding_bytes,
+            ),
+        )
+        return await run_worker(settings, options)
     raise AssertionError(f"unknown command {args.command}")
 
 

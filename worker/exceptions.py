@@ -93,3 +93,9 @@ class ValidationError(DatabaseError, PermanentError):
 
     def __init__(self, detail: str) -> None:
         PermanentError.__init__(self, detail)
+
+
+class PubSubError(WorkerError):
+    """A Pub/Sub call failed (unavailable, deadline, quota): try again later."""
+
+    transient = True

@@ -1,0 +1,275 @@
+"""One topic's path from delivery to settlement.
+
+source -> decode/validate -> batch -> handler (one transaction) -> commit ->
+after-commit hook (cache invalidations) -> dead letters -> ack.
+
+A batch is flushed when it holds ``max_batch_size`` deliveries or when its oldest
+delivery has waited ``max_batch_delay_ms``. Up to ``max_concurrent_flushes`` batches
+of a topic are in flight at once, so Python decodes the next batch while PostgreSQL
+commits the last. A delivery is acked only after its batch committed (or after it
+was dead-lettered); a transient failure nacks it and pauses the sources briefly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from worker.deadletter import DeadLetterPublisher
+from worker.decoding import decode_json_object
+from worker.delivery import Delivery
+from worker.exceptions import PermanentError, WorkerError
+from worker.handler import BatchOutcome, Handler
+from worker.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+AfterCommit = Callable[[str, frozenset[str]], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    max_batch_size: int = 1000
+    max_batch_delay_ms: int = 50
+    max_concurrent_flushes: int = 3
+
+
+@dataclass
+class _Entry:
+    delivery: Delivery
+    item: Any = None
+    error: PermanentError | None = None
+
+
+class Backoff:
+    """Shared pause after transient failures, so sources stop hammering a dead database."""
+
+    def __init__(self, initial_s: float = 0.25, maximum_s: float = 10.0) -> None:
+        self.initial_s = initial_s
+        self.maximum_s = maximum_s
+        self._delay_s = 0.0
+        self._until = 0.0
+
+    def failed(self) -> None:
+        self._delay_s = min(self.maximum_s, max(self.initial_s, self._delay_s * 2))
+        self._until = time.monotonic() + self._delay_s
+
+    def succeeded(self) -> None:
+        self._delay_s = 0.0
+
+    async def wait(self) -> None:
+        remaining = self._until - time.monotonic()
+        if remaining > 0:
+            await asyncio.sleep(remaining)
+
+
+class TopicPipeline:
+    def __init__(
+        self,
+        handler: Handler[Any],
+        engine: AsyncEngine,
+        dead_letters: DeadLetterPublisher,
+        telemetry: Telemetry,
+        settings: BatchSettings = BatchSettings(),
+        after_commit: AfterCommit | None = None,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.topic = handler.topic
+        self.handler = handler
+        self.engine = engine
+        self.dead_letters = dead_letters
+        self.telemetry = telemetry
+        self.settings = settings
+        self.after_commit = after_commit
+        self.backoff = backoff or Backoff()
+        self._attributes = {"topic": self.topic}
+        self._pending: list[_Entry] = []
+        self._oldest_at = 0.0
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(settings.max_concurrent_flushes)
+        self._flushes: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    # -- intake ----------------------------------------------------------------------
+
+    def submit(self, delivery: Delivery) -> None:
+        """Decode and validate now; the delivery is settled later by a flush."""
+        entry = _Entry(delivery)
+        try:
+            payload = decode_json_object(delivery.data)
+            entry.item = self.handler.parse(payload, delivery.publish_time)
+        except PermanentError as error:
+            entry.error = error
+        if not self._pending:
+            self._oldest_at = time.monotonic()
+            self._wakeup.set()  # a batch has started: its delay clock runs
+        self._pending.append(entry)
+        self.telemetry.received.add(1, self._attributes)
+        if len(self._pending) >= self.settings.max_batch_size:
+            self._wakeup.set()
+
+    # -- flushing --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Flush batches until cancelled."""
+        delay_s = self.settings.max_batch_delay_ms / 1000
+        while True:
+            if not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            wait_s = self._oldest_at + delay_s - time.monotonic()
+            if (
+                len(self._pending) < self.settings.max_batch_size
+                and wait_s > 0
+                and not self._closing
+            ):
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), wait_s)
+                continue
+            await self._slots.acquire()
+            self._start_flush(self._take())
+
+    def _take(self) -> list[_Entry]:
+        batch = self._pending[: self.settings.max_batch_size]
+        self._pending = self._pending[self.settings.max_batch_size :]
+        self._oldest_at = time.monotonic()
+        return batch
+
+    def _start_flush(self, batch: list[_Entry]) -> None:
+        task = asyncio.create_task(self._flush(batch), name=f"flush-{self.topic}")
+        self._flushes.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._flushes.discard(t)
+            self._slots.release()
+
+        task.add_done_callback(done)
+
+    async def drain(self) -> None:
+        """Flush everything pending now and wait for every flush in flight."""
+        self._closing = True
+        while self._pending:
+            await self._slots.acquire()
+            self._start_flush(self._take())
+        while self._flushes:
+            await asyncio.gather(*list(self._flushes), return_exceptions=True)
+
+    def nack_pending(self) -> int:
+        """Nack what was never flushed (shutdown past its budget); how many."""
+        pending, self._pending = self._pending, []
+        for entry in pending:
+            entry.delivery.nack()
+        self.telemetry.nacked.add(len(pending), self._attributes)
+        return len(pending)
+
+    async def _flush(self, batch: list[_Entry]) -> None:
+        with self.telemetry.tracer.start_as_current_span(
+            f"batch {self.topic}", attributes={"messaging.batch.message_count": len(batch)}
+        ) as span:
+            try:
+                await self._settle(batch)
+            except Exception:
+                # A bug, not a fault we know: never ack what we cannot vouch for.
+                log.exception("batch failed unexpectedly", extra={"topic": self.topic})
+                span.set_attribute("error", True)
+                self._nack([e.delivery for e in batch if not e.delivery.settled])
+                self.backoff.failed()
+
+    async def _settle(self, batch: list[_Entry]) -> None:
+        valid = [e for e in batch if e.error is None]
+        dead: list[tuple[Delivery, PermanentError]] = [
+            (e.delivery, e.error) for e in batch if e.error is not None
+        ]
+        committed: list[Delivery] = []
+        if valid:
+            self.telemetry.batch_size.record(len(valid), self._attributes)
+            started = time.perf_counter()
+            try:
+                outcome = await self._apply([e.item for e in valid])
+            except WorkerError as error:
+                log.warning(
+                    "batch not committed, nacked for redelivery",
+                    extra={"topic": self.topic, "messages": len(valid), "error": str(error)},
+                )
+                self._nack([e.delivery for e in valid])
+                self.backoff.failed()
+                valid = []
+                outcome = BatchOutcome()
+            else:
+                self.backoff.succeeded()
+                self.telemetry.commit_latency_ms.record(
+                    (time.perf_counter() - started) * 1000, self._attributes
+                )
+            for index, entry in enumerate(valid):
+                failure = outcome.failures.get(index)
+                if failure is None:
+                    committed.append(entry.delivery)
+                else:
+                    dead.append((entry.delivery, failure))
+            if committed and outcome.cache_keys and self.after_commit is not None:
+                try:
+                    await self.after_commit(self.topic, outcome.cache_keys)
+                except WorkerError as error:
+                    # Redelivery repeats the (idempotent) write and its invalidations.
+                    log.warning("invalidations not published, nacking", extra={"error": str(error)})
+                    self._nack(committed)
+                    committed = []
+        if committed:
+            now = datetime.now(UTC)
+            for delivery in committed:
+                self.telemetry.lag_ms.record(
+                    (now - delivery.publish_time).total_seconds() * 1000, self._attributes
+                )
+                delivery.ack()
+            self.telemetry.committed.add(len(committed), self._attributes)
+        if dead:
+            await self._dead_letter(dead)
+
+    async def _apply(self, items: Sequence[Any]) -> BatchOutcome:
+        """Apply a batch; if it is refused as a whole, find the culprits by halving."""
+        try:
+            return await self.handler.apply(self.engine, items)
+        except PermanentError as error:
+            if len(items) == 1:
+                return BatchOutcome(failures={0: error})
+        middle = len(items) // 2
+        left = await self._apply(items[:middle])
+        right = await self._apply(items[middle:])
+        failures = dict(left.failures)
+        failures.update({middle + i: e for i, e in right.failures.items()})
+        return BatchOutcome(failures=failures, cache_keys=left.cache_keys | right.cache_keys)
+
+    async def _dead_letter(self, dead: list[tuple[Delivery, PermanentError]]) -> None:
+        try:
+            await self.dead_letters.publish(self.topic, dead)
+        except WorkerError as publish_error:
+            log.warning("dead letters not published, nacking", extra={"error": str(publish_error)})
+            self._nack([d for d, _ in dead])
+            return
+        for delivery, error in dead:
+            log.info(
+                "message dead-lettered",
+                extra={
+                    "topic": self.topic,
+                    "message_id": delivery.message_id,
+                    "reason": error.reason,
+                    "detail": error.detail,
+                },
+            )
+            delivery.ack()
+        self.telemetry.dead_lettered.add(len(dead), self._attributes)
+
+    def _nack(self, deliveries: Sequence[Delivery]) -> None:
+        for delivery in deliveries:
+            delivery.nack()
+        self.telemetry.nacked.add(len(deliveries), self._attributes)

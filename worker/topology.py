@@ -1,0 +1,175 @@
+"""The Pub/Sub topology of CONTRACT.md: one source of truth.
+
+``utxoiq-worker topology apply`` creates it (idempotently) on the emulator or a real
+project; ``utxoiq-worker topology render`` prints it as JSON, which is what
+``deploy/pubsub-topology.json`` holds (a test keeps the two equal).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from google.api_core import exceptions as api_exceptions
+from google.auth.credentials import AnonymousCredentials
+from google.protobuf import duration_pb2, field_mask_pb2
+from google.pubsub_v1 import PublisherAsyncClient, SubscriberAsyncClient
+from google.pubsub_v1.types import DeadLetterPolicy, PushConfig, RetryPolicy, Subscription
+
+from worker.config import Settings
+from worker.pubsub import subscription_path, topic_path
+
+log = logging.getLogger(__name__)
+
+MAX_DELIVERY_ATTEMPTS = 5
+ACK_DEADLINE_S = 60
+MIN_RETRY_BACKOFF_S = 10
+MAX_RETRY_BACKOFF_S = 600
+# Dead letters are kept for operators for the longest retention Pub/Sub allows.
+DEAD_LETTER_RETENTION_S = 7 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    topic: str
+    subscription: str
+
+    @property
+    def dead_letter_topic(self) -> str:
+        return f"{self.topic}-dead-letter"
+
+    @property
+    def dead_letter_subscription(self) -> str:
+        return f"{self.topic}-dead-letter-sub"
+
+
+INGEST_TOPICS = ("backfill-progress", "feedback", "metrics")
+TOPOLOGY: tuple[TopicSpec, ...] = (
+    TopicSpec("backfill-progress", "backfill-progress-worker"),
+    TopicSpec("feedback", "feedback-worker"),
+    TopicSpec("metrics", "metrics-worker"),
+    TopicSpec("cache-invalidation", "cache-invalidation-redis-updater"),
+    TopicSpec("maintenance", "maintenance-worker"),
+)
+BY_TOPIC = {spec.topic: spec for spec in TOPOLOGY}
+
+
+def spec_for(topic: str) -> TopicSpec:
+    try:
+        return BY_TOPIC[topic]
+    except KeyError:
+        raise ValueError(f"unknown topic {topic!r}; known: {', '.join(BY_TOPIC)}") from None
+
+
+def render(push_endpoint: str | None = None) -> dict[str, Any]:
+    """The topology as plain data (what ``deploy/`` describes)."""
+    subscriptions = []
+    for spec in TOPOLOGY:
+        entry: dict[str, Any] = {
+            "name": spec.subscription,
+            "topic": spec.topic,
+            "ack_deadline_seconds": ACK_DEADLINE_S,
+            "retry_policy": {
+                "minimum_backoff": f"{MIN_RETRY_BACKOFF_S}s",
+                "maximum_backoff": f"{MAX_RETRY_BACKOFF_S}s",
+            },
+            "dead_letter_policy": {
+                "dead_letter_topic": spec.dead_letter_topic,
+                "max_delivery_attempts": MAX_DELIVERY_ATTEMPTS,
+            },
+        }
+        if push_endpoint:
+            entry["push_config"] = {
+                "push_endpoint": f"{push_endpoint.rstrip('/')}/push/{spec.topic}"
+            }
+        subscriptions.append(entry)
+        subscriptions.append(
+            {
+                "name": spec.dead_letter_subscription,
+                "topic": spec.dead_letter_topic,
+                "ack_deadline_seconds": ACK_DEADLINE_S,
+                "message_retention_duration": f"{DEAD_LETTER_RETENTION_S}s",
+            }
+        )
+    topics = [name for spec in TOPOLOGY for name in (spec.topic, spec.dead_letter_topic)]
+    return {"topics": topics, "subscriptions": subscriptions}
+
+
+def render_json(push_endpoint: str | None = None) -> str:
+    return json.dumps(render(push_endpoint), indent=2) + "\n"
+
+
+def _clients(settings: Settings) -> tuple[PublisherAsyncClient, SubscriberAsyncClient]:
+    anonymous = AnonymousCredentials()  # type: ignore[no-untyped-call]
+    credentials = anonymous if settings.pubsub_emulator_host else None
+    return (
+        PublisherAsyncClient(credentials=credentials),
+        SubscriberAsyncClient(credentials=credentials),
+    )
+
+
+def _subscription(
+    project: str, entry: dict[str, Any], push_service_account: str | None, audience: str | None
+) -> Subscription:
+    subscription = Subscription(
+        name=subscription_path(project, entry["name"]),
+        topic=topic_path(project, entry["topic"]),
+        ack_deadline_seconds=entry["ack_deadline_seconds"],
+    )
+    if "retry_policy" in entry:
+        subscription.retry_policy = RetryPolicy(
+            minimum_backoff=duration_pb2.Duration(seconds=MIN_RETRY_BACKOFF_S),
+            maximum_backoff=duration_pb2.Duration(seconds=MAX_RETRY_BACKOFF_S),
+        )
+    if "dead_letter_policy" in entry:
+        subscription.dead_letter_policy = DeadLetterPolicy(
+            dead_letter_topic=topic_path(project, entry["dead_letter_policy"]["dead_letter_topic"]),
+            max_delivery_attempts=MAX_DELIVERY_ATTEMPTS,
+        )
+    if "message_retention_duration" in entry:
+        subscription.message_retention_duration = duration_pb2.Duration(
+            seconds=DEAD_LETTER_RETENTION_S
+        )
+    if "push_config" in entry:
+        push = PushConfig(push_endpoint=entry["push_config"]["push_endpoint"])
+        if push_service_account:
+            push.oidc_token = PushConfig.OidcToken(
+                service_account_email=push_service_account, audience=audience or ""
+            )
+        subscription.push_config = push
+    return subscription
+
+
+_OPTIONAL_FIELDS = ("retry_policy", "dead_letter_policy", "message_retention_duration")
+
+
+async def apply(settings: Settings, push_endpoint: str | None = None) -> dict[str, int]:
+    """Create or bring up to date every topic and subscription; counts of what changed."""
+    publisher, subscriber = _clients(settings)
+    project = settings.google_cloud_project
+    plan = render(push_endpoint)
+    counts = {"topics_created": 0, "subscriptions_created": 0, "subscriptions_updated": 0}
+    account = settings.push_service_accounts[0] if settings.push_service_accounts else None
+    for name in plan["topics"]:
+        try:
+            await publisher.create_topic(name=topic_path(project, name))
+            counts["topics_created"] += 1
+        except api_exceptions.AlreadyExists:
+            pass
+    for entry in plan["subscriptions"]:
+        wanted = _subscription(project, entry, account, settings.push_audience)
+        try:
+            await subscriber.create_subscription(request=wanted)
+            counts["subscriptions_created"] += 1
+        except api_exceptions.AlreadyExists:
+            # An empty push_config turns a push subscription back into a pull one.
+            paths = ["ack_deadline_seconds", "push_config"]
+            paths += [p for p in _OPTIONAL_FIELDS if p in entry]
+            await subscriber.update_subscription(
+                subscription=wanted, update_mask=field_mask_pb2.FieldMask(paths=paths)
+            )
+            counts["subscriptions_updated"] += 1
+    log.info("topology applied", extra={"project": project, **counts})
+    return counts
