@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from bench import store
+from bench import drain, store
 
-SCENARIOS = {"store": store.run}
+SCENARIOS = {"store": store.run, "drain": drain.run, "rss": drain.run_rss}
 
 
 def main(argv: list[str]) -> int:

@@ -7,6 +7,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import orjson
 from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
 
@@ -28,7 +29,10 @@ def event_key(event: BaseModel) -> bytes:
     Equal events have equal keys, so a duplicate never wins against itself and the
     outcome never depends on arrival order.
     """
-    return hashlib.sha256(canonical_json(event.model_dump(mode="json"))).digest()
+    # default=str: a UUID subclass (asyncpg's, from a row read back) gives the same text
+    # as uuid.UUID, which orjson only serialises for the exact type.
+    encoded = orjson.dumps(event.model_dump(), option=orjson.OPT_SORT_KEYS, default=str)
+    return hashlib.sha256(encoded).digest()
 
 
 def utc(moment: datetime) -> datetime:

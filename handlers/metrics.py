@@ -9,20 +9,21 @@ ones that were new go on into ``system_metrics``.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import asyncpg
+import orjson
 from sqlalchemy import func, literal_column, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from handlers.events import canonical_json, validate
+from handlers.events import validate
 from handlers.tables import system_metrics
 from schemas.metrics import (
+    JsonObject,
     MetricAggregate,
     MetricPoint,
     MetricRecord,
@@ -48,17 +49,31 @@ def sample_identity(sample: MetricSample) -> uuid.UUID:
     """``event_id``, or the UUIDv5 of the sample's canonical JSON."""
     if sample.event_id is not None:
         return sample.event_id
-    body: dict[str, Any] = {
-        "service_name": sample.service_name,
-        "metric_type": sample.metric_type,
-        "metric_value": sample.metric_value,
-        "unit": sample.unit,
-    }
-    if sample.timestamp is not None:
-        body["timestamp"] = sample.timestamp.astimezone(UTC).isoformat()
-    if sample.metadata is not None:
-        body["metadata"] = sample.metadata
-    return uuid.uuid5(IDENTITY_NAMESPACE, canonical_json(body).decode("utf-8"))
+    return uuid.uuid5(IDENTITY_NAMESPACE, canonical_sample_json(sample))
+
+
+def canonical_sample_json(sample: MetricSample) -> str:
+    """The sample's canonical JSON: a fixed-order array of its fields.
+
+    ``[service_name, metric_type, metric_value, unit, timestamp in UTC or null,
+    metadata with sorted keys or null]``, compact. Equal samples give equal text
+    however their JSON was laid out, and an array needs no key sorting.
+    """
+    timestamp = None if sample.timestamp is None else sample.timestamp.astimezone(UTC)
+    head = orjson.dumps(
+        [sample.service_name, sample.metric_type, sample.metric_value, sample.unit, timestamp]
+    ).decode("utf-8")
+    metadata = _metadata_text(sample)
+    return head[:-1] + "," + ("null" if metadata is None else metadata) + "]"
+
+
+def _metadata_text(sample: MetricSample) -> str | None:
+    metadata = sample.metadata
+    if metadata is None:
+        return None
+    if isinstance(metadata, JsonObject):
+        return metadata.canonical
+    return orjson.dumps(metadata, option=orjson.OPT_SORT_KEYS).decode("utf-8")
 
 
 @dataclass(frozen=True)
@@ -95,7 +110,7 @@ def _rows(messages: Iterable[MetricsMessage]) -> list[_Row]:
                 s.metric_value,
                 s.unit,
                 moment,
-                None if s.metadata is None else json.dumps(s.metadata, ensure_ascii=False),
+                _metadata_text(s),
             )
     return sorted(rows.values(), key=lambda r: r.id)
 
@@ -133,6 +148,15 @@ class MetricPartitions:
                 {"months": firsts},
             )
         self._known |= missing
+
+
+async def ensure_months_ahead(engine: AsyncEngine, months: int = 3) -> None:
+    """Create the partitions of this month and the next ``months`` (startup, migrate)."""
+    # From the 1st: 31-day steps from, say, Jan 31 would land in March, skipping February.
+    first = datetime.now(UTC).replace(day=1)
+    await MetricPartitions().ensure(
+        engine, [first + timedelta(days=31 * i) for i in range(months + 1)]
+    )
 
 
 INSERT_SQL = """

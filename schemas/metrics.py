@@ -2,18 +2,56 @@
 
 from __future__ import annotations
 
-import json
+import math
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import Field, StrictFloat, field_validator
+import orjson
+from pydantic import AfterValidator, Field, StrictFloat, field_validator
 
 from schemas.common import Payload, Response, StorableText, Timestamp
 
 MAX_SAMPLES_PER_MESSAGE = 1000
 MAX_METADATA_BYTES = 4096
 MAX_FUTURE = timedelta(hours=24)
+
+
+class JsonObject(dict[str, Any]):
+    """A JSON object that remembers its canonical text (sorted keys, compact, UTF-8).
+
+    Computed once at validation, where the size limit needs it anyway, and reused for
+    storage and for the sample's identity instead of encoding the object again.
+    """
+
+    canonical: str
+
+
+def _all_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_all_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_all_finite(v) for v in value)
+    return True
+
+
+def _canonical_object(value: dict[str, Any] | None) -> JsonObject | None:
+    if value is None:
+        return None
+    # orjson would write NaN as null: refuse it first (decoded messages never hold it).
+    if not _all_finite(value):
+        raise ValueError("must be finite JSON (no NaN or Infinity)")
+    try:
+        encoded = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except TypeError as error:
+        raise ValueError(f"must be JSON: {error}") from None
+    if len(encoded) > MAX_METADATA_BYTES:
+        raise ValueError(f"larger than {MAX_METADATA_BYTES} bytes")
+    result = JsonObject(value)
+    result.canonical = encoded.decode("utf-8")
+    return result
 
 
 class MetricSample(Payload):
@@ -23,20 +61,7 @@ class MetricSample(Payload):
     metric_value: StrictFloat
     unit: Annotated[StorableText, Field(min_length=1, max_length=20)]
     timestamp: Timestamp | None = None
-    metadata: dict[str, Any] | None = None
-
-    @field_validator("metadata")
-    @classmethod
-    def _metadata_small(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is None:
-            return None
-        try:
-            encoded = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-        except ValueError:
-            raise ValueError("metadata must be finite JSON (no NaN or Infinity)") from None
-        if len(encoded.encode("utf-8")) > MAX_METADATA_BYTES:
-            raise ValueError(f"metadata is larger than {MAX_METADATA_BYTES} bytes")
-        return value
+    metadata: Annotated[dict[str, Any] | None, AfterValidator(_canonical_object)] = None
 
     @field_validator("timestamp")
     @classmethod

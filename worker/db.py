@@ -35,6 +35,7 @@ _TRANSIENT_SQLSTATES = {
     "57P03",  # cannot_connect_now
     "53300",  # too_many_connections
     "53400",  # configuration_limit_exceeded
+    "3D000",  # invalid_catalog_name: the database does not exist (yet), at connect
 }
 
 
@@ -73,7 +74,11 @@ def translate(error: BaseException) -> exc.WorkerError:
     ):
         return exc.ConnectionError(f"database connection lost: {detail}")
     if isinstance(original, asyncpg.PostgresConnectionError) or (
-        sqlstate is not None and (sqlstate.startswith("08") or sqlstate in _TRANSIENT_SQLSTATES)
+        sqlstate is not None
+        and (
+            # 08: connection exception; 28: authentication refused at connect.
+            sqlstate.startswith(("08", "28")) or sqlstate in _TRANSIENT_SQLSTATES
+        )
     ):
         return exc.ConnectionError(f"database unavailable ({sqlstate}): {detail}")
     if sqlstate is not None and sqlstate.startswith("23"):

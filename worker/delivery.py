@@ -15,7 +15,7 @@ class Settler(Protocol):
     def nack(self, delivery: Delivery) -> None: ...
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Delivery:
     """One delivery of one Pub/Sub message: pull and push both make these.
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from alembic.config import Config
 
 from alembic import command
-from handlers.metrics import MetricPartitions
+from handlers.metrics import ensure_months_ahead
 from worker.config import Settings
 from worker.db import create_database_if_missing, create_engine
 
@@ -44,9 +43,6 @@ async def ensure_partitions_ahead(settings: Settings, months: int = MONTHS_AHEAD
     """Create the metric partitions of this month and the next ``months``."""
     engine = create_engine(settings, pool_size=1, max_overflow=0)
     try:
-        now = datetime.now(UTC)
-        await MetricPartitions().ensure(
-            engine, [now + timedelta(days=31 * i) for i in range(months + 1)]
-        )
+        await ensure_months_ahead(engine, months)
     finally:
         await engine.dispose()

@@ -112,7 +112,6 @@ class TopicPipeline:
             self._oldest_at = time.monotonic()
             self._wakeup.set()  # a batch has started: its delay clock runs
         self._pending.append(entry)
-        self.telemetry.received.add(1, self._attributes)
         if len(self._pending) >= self.settings.max_batch_size:
             self._wakeup.set()
 
@@ -186,6 +185,9 @@ class TopicPipeline:
                 self.backoff.failed()
 
     async def _settle(self, batch: list[_Entry]) -> None:
+        # Counted per batch, not per message: an OpenTelemetry call costs as much as
+        # validating a small payload.
+        self.telemetry.received.add(len(batch), self._attributes)
         valid = [e for e in batch if e.error is None]
         dead: list[tuple[Delivery, PermanentError]] = [
             (e.delivery, e.error) for e in batch if e.error is not None
@@ -225,11 +227,10 @@ class TopicPipeline:
                     self._nack(committed)
                     committed = []
         if committed:
-            now = datetime.now(UTC)
+            oldest = min(d.publish_time for d in committed)
+            lag = datetime.now(UTC) - oldest
+            self.telemetry.lag_ms.record(lag.total_seconds() * 1000, self._attributes)
             for delivery in committed:
-                self.telemetry.lag_ms.record(
-                    (now - delivery.publish_time).total_seconds() * 1000, self._attributes
-                )
                 delivery.ack()
             self.telemetry.committed.add(len(committed), self._attributes)
         if dead:

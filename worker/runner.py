@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from handlers import build_handlers
+from handlers.metrics import ensure_months_ahead
 from worker.config import Settings
 from worker.db import create_engine
 from worker.deadletter import DeadLetterPublisher
-from worker.migrate import ensure_partitions_ahead
 from worker.pipeline import Backoff, BatchSettings, TopicPipeline
 from worker.pubsub import PubSub
 from worker.pull import PullSettings, PullSource
@@ -105,8 +105,8 @@ class Worker:
 
 
 async def run_worker(settings: Settings, options: RunOptions) -> int:
-    await ensure_partitions_ahead(settings)
     worker = Worker(settings, options)
+    await ensure_months_ahead(worker.engine)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

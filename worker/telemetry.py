@@ -35,7 +35,8 @@ class Telemetry:
         self.nacked = meter.create_counter("worker.messages.nacked", unit="{message}")
         self.batch_size = meter.create_histogram("worker.batch.size", unit="{message}")
         self.commit_latency_ms = meter.create_histogram("worker.batch.commit_latency", unit="ms")
-        self.lag_ms = meter.create_histogram("worker.message.end_to_end_lag", unit="ms")
+        # Per batch, the lag of its oldest message: an upper bound for all of them.
+        self.lag_ms = meter.create_histogram("worker.batch.end_to_end_lag", unit="ms")
 
     def shutdown(self) -> None:
         self.meter_provider.shutdown()

@@ -36,13 +36,14 @@ BEGIN
         RETURN partition_name;
     END IF;
     PERFORM pg_advisory_xact_lock(hashtext('ensure_system_metrics_partition'));
-    IF to_regclass(format('%I', partition_name)) IS NULL THEN
-        EXECUTE format(
-            'CREATE TABLE %I PARTITION OF system_metrics FOR VALUES FROM (%L) TO (%L)',
-            partition_name,
-            month_naive AT TIME ZONE 'UTC',
-            (month_naive + interval '1 month') AT TIME ZONE 'UTC');
-    END IF;
+    -- Not to_regclass again: its cached "no such relation" can outlive a concurrent
+    -- creator's commit (the advisory lock does not refresh the catalog cache), while
+    -- CREATE ... IF NOT EXISTS looks the name up after locking the schema, which does.
+    EXECUTE format(
+        'CREATE TABLE IF NOT EXISTS %I PARTITION OF system_metrics FOR VALUES FROM (%L) TO (%L)',
+        partition_name,
+        month_naive AT TIME ZONE 'UTC',
+        (month_naive + interval '1 month') AT TIME ZONE 'UTC');
     RETURN partition_name;
 END;
 $$;

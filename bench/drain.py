@@ -1,0 +1,204 @@
+"""Scenario ``drain``: how fast the worker empties a backlog.
+
+Pre-publishes 100k single-sample metrics messages and 20k feedback messages, then
+times a worker process (``utxoiq-worker run``) until every row is in PostgreSQL.
+In the same run:
+- the raw pull ceiling: a bare pull-and-ack loop on the same client, no database;
+- the naive worker: the official streaming-pull callback, one ORM insert and
+  commit per message, over 3k messages.
+Scenario ``rss``: the worker's peak RSS while draining a 300k backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from datetime import UTC, datetime, timedelta
+
+from bench.common import fresh_database, report
+from bench.stack import (
+    bench_settings,
+    fresh_topology,
+    peak_rss_mb,
+    publish_all,
+    start_worker,
+    stop_worker,
+    wait_for_rows,
+)
+from worker.config import Settings
+from worker.pubsub import PubSub
+
+METRICS = 100_000
+FEEDBACK = 20_000
+NAIVE = 3_000
+RSS_BACKLOG = 300_000
+
+
+def metric_payloads(count: int, tag: str) -> list[bytes]:
+    now = datetime.now(UTC)
+    return [
+        json.dumps(
+            {
+                "service_name": f"svc-{tag}-{i % 10}",
+                "metric_type": ("cpu", "memory", "latency")[i % 3],
+                "metric_value": (i % 1000) / 10,
+                "unit": "percent",
+                "timestamp": (now - timedelta(milliseconds=i)).isoformat(),
+                "metadata": {"host": f"h{i % 16}"},
+            }
+        ).encode()
+        for i in range(count)
+    ]
+
+
+def feedback_payloads(count: int, tag: str) -> list[bytes]:
+    return [
+        json.dumps(
+            {
+                "insight_id": f"insight-{tag}-{i % 2000}",
+                "user_id": f"user-{i}",
+                "rating": i % 5 + 1,
+                "comment": "useful" if i % 2 else None,
+                "occurred_at": "2026-11-21T10:00:00Z",
+            }
+        ).encode()
+        for i in range(count)
+    ]
+
+
+async def raw_pull_ceiling(pubsub: PubSub, subscription: str, count: int, pullers: int) -> float:
+    path = pubsub.subscription(subscription)
+    received = 0
+    all_received = asyncio.Event()
+    started = time.perf_counter()
+
+    async def loop() -> None:
+        nonlocal received
+        while received < count:
+            messages = await pubsub.pull(path, 1000, 2.0)
+            if messages:
+                received += len(messages)
+                await pubsub.acknowledge(path, [m.ack_id for m in messages])
+                if received >= count:
+                    all_received.set()
+
+    tasks = [asyncio.create_task(loop()) for _ in range(pullers)]
+    await all_received.wait()
+    elapsed = time.perf_counter() - started
+    # Never cancel a pull in flight: the messages it leased would stay leased (and
+    # hold up the emulator's deliveries) until their ack deadline.
+    await asyncio.gather(*tasks)
+    return count / elapsed
+
+
+def naive_worker_rate(settings: Settings, count: int) -> float:
+    """The official subscriber's callback; one ORM insert and commit per message."""
+    from google.cloud import pubsub_v1
+    from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+    from bench.store import NaiveFeedback
+    from worker.db import create_engine
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    engine = create_engine(settings)
+    sessions = async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
+    done = threading.Event()
+    stored = 0
+    lock = threading.Lock()
+
+    async def store(payload: dict[str, object]) -> None:
+        async with sessions() as session:
+            session.add(
+                NaiveFeedback(
+                    insight_id=payload["insight_id"],
+                    user_id=payload["user_id"],
+                    rating=payload["rating"],
+                    comment=payload["comment"],
+                    created_at=datetime.fromisoformat(str(payload["occurred_at"])),
+                    updated_at=datetime.fromisoformat(str(payload["occurred_at"])),
+                    event_key=b"",
+                )
+            )
+            await session.commit()
+
+    def callback(message: pubsub_v1.subscriber.message.Message) -> None:
+        nonlocal stored
+        future: Future[None] = asyncio.run_coroutine_threadsafe(
+            store(json.loads(message.data)), loop
+        )
+        future.result()
+        message.ack()
+        with lock:
+            stored += 1
+            if stored >= count:
+                done.set()
+
+    subscriber = pubsub_v1.SubscriberClient()
+    path = subscriber.subscription_path(settings.google_cloud_project, "feedback-worker")
+    started = time.perf_counter()
+    streaming = subscriber.subscribe(path, callback=callback)
+    done.wait(timeout=600)
+    elapsed = time.perf_counter() - started
+    streaming.cancel()
+    subscriber.close()
+    asyncio.run_coroutine_threadsafe(engine.dispose(), loop).result()
+    loop.call_soon_threadsafe(loop.stop)
+    return count / elapsed
+
+
+async def run() -> None:
+    base = Settings.from_env()
+    settings = bench_settings(await fresh_database("utxoiq_bench_drain"))
+    pubsub = await fresh_topology(settings)
+    tag = uuid.uuid4().hex[:6]
+    try:
+        # The ceiling: the same backlog, pulled and acked, nothing else.
+        await publish_all(pubsub, "metrics", metric_payloads(METRICS, "ceiling"))
+        await publish_all(pubsub, "feedback", feedback_payloads(FEEDBACK, "ceiling"))
+        metrics_rate = await raw_pull_ceiling(pubsub, "metrics-worker", METRICS, 3)
+        feedback_rate = await raw_pull_ceiling(pubsub, "feedback-worker", FEEDBACK, 3)
+        total = METRICS + FEEDBACK
+        ceiling = total / (METRICS / metrics_rate + FEEDBACK / feedback_rate)
+
+        await publish_all(pubsub, "metrics", metric_payloads(METRICS, tag))
+        await publish_all(pubsub, "feedback", feedback_payloads(FEEDBACK, tag))
+        worker = start_worker(settings)
+        started = time.monotonic()
+        try:
+            metrics_done, feedback_done = await asyncio.gather(
+                wait_for_rows(settings, "SELECT count(*) FROM system_metrics", METRICS),
+                wait_for_rows(settings, "SELECT count(*) FROM insight_feedback", FEEDBACK),
+            )
+        finally:
+            stop_worker(worker)
+        drain_rate = total / (max(metrics_done, feedback_done) - started)
+
+        await publish_all(pubsub, "feedback", feedback_payloads(NAIVE, "naive"))
+        naive_rate = await asyncio.to_thread(naive_worker_rate, settings, NAIVE)
+        report("drain", "msgs_per_s", drain_rate, "raw_pull_ceiling", ceiling)
+        report("drain", "msgs_per_s", drain_rate, "naive_worker", naive_rate)
+    finally:
+        await pubsub.close()
+    del base
+
+
+async def run_rss() -> None:
+    settings = bench_settings(await fresh_database("utxoiq_bench_rss"))
+    pubsub = await fresh_topology(settings)
+    try:
+        await publish_all(pubsub, "metrics", metric_payloads(RSS_BACKLOG, "rss"))
+        worker = start_worker(settings, "--only", "metrics")
+        try:
+            await wait_for_rows(settings, "SELECT count(*) FROM system_metrics", RSS_BACKLOG)
+            rss = peak_rss_mb(worker.pid)
+        finally:
+            stop_worker(worker)
+        report("rss", "peak_rss_mb", rss)
+    finally:
+        await pubsub.close()

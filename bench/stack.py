@@ -1,0 +1,117 @@
+"""Pub/Sub and worker-process helpers shared by the ingestion benchmarks."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+
+import asyncpg
+
+from bench.common import asyncpg_dsn
+from worker import topology
+from worker.config import Settings
+from worker.pubsub import PubSub, PubsubMessage
+
+PUBLISH_BATCH = 1000
+
+
+def bench_settings(base: Settings) -> Settings:
+    """A Pub/Sub project of its own on the emulator: topics start empty every run."""
+    if not base.pubsub_emulator_host:
+        raise SystemExit("the ingestion benchmarks need PUBSUB_EMULATOR_HOST (run `make bench`)")
+    return dataclasses.replace(base, google_cloud_project=f"bench-{uuid.uuid4().hex[:10]}")
+
+
+async def fresh_topology(settings: Settings) -> PubSub:
+    await topology.apply(settings)
+    return PubSub(settings)
+
+
+async def publish_all(pubsub: PubSub, topic: str, payloads: Sequence[bytes]) -> None:
+    """Publish in requests of 1000, four requests in flight."""
+    target = pubsub.topic(topic)
+    chunks = [payloads[i : i + PUBLISH_BATCH] for i in range(0, len(payloads), PUBLISH_BATCH)]
+    limit = asyncio.Semaphore(4)
+
+    async def send(chunk: Sequence[bytes]) -> None:
+        async with limit:
+            await pubsub.publish(target, [PubsubMessage(data=d) for d in chunk], timeout_s=120)
+
+    await asyncio.gather(*(send(c) for c in chunks))
+
+
+def start_worker(settings: Settings, *args: str) -> subprocess.Popen[bytes]:
+    """Start ``utxoiq-worker run``; return once it has started (its imports done).
+
+    Timing starts there: a long-running worker boots once, so boot time is not
+    part of how fast it drains.
+    """
+    env = {
+        **os.environ,
+        "DATABASE_URL": settings.database_url,
+        "GOOGLE_CLOUD_PROJECT": settings.google_cloud_project,
+        "LOG_LEVEL": "INFO",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "worker", "run", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    started = threading.Event()
+
+    def watch() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            if b'"worker started"' in line:
+                started.set()
+            elif b'"severity": "INFO"' not in line:
+                sys.stderr.write(line.decode("utf-8", "replace"))
+        started.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    if not started.wait(timeout=60) or process.poll() is not None:
+        raise RuntimeError("the worker did not start")
+    return process
+
+
+def stop_worker(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc status")
+
+
+async def wait_for_rows(
+    settings: Settings, query: str, expected: int, timeout_s: float = 600
+) -> float:
+    """Poll until ``query`` counts ``expected``; the monotonic time it did."""
+    conn = await asyncpg.connect(asyncpg_dsn(settings))
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if await conn.fetchval(query) >= expected:
+                return time.monotonic()
+            await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
+    raise TimeoutError(f"{query!r} did not reach {expected} in {timeout_s}s")

@@ -1,0 +1,142 @@
+"""Shared fixtures: a real PostgreSQL, one migrated template, one database per test.
+
+The template is migrated once per session (``utxoiq_test_template``); every test that
+asks for ``database_url`` gets its own ``CREATE DATABASE ... TEMPLATE`` copy, dropped
+afterwards. A missing PostgreSQL fails the run: it never becomes a skip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+import pytest_asyncio
+from sqlalchemy import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from handlers.service import DatabaseService
+from worker.config import Settings
+from worker.db import create_engine
+from worker.migrate import upgrade
+
+TEMPLATE_DATABASE = "utxoiq_test_template"
+TEST_DATABASE_PREFIX = "utxoiq_test_"
+
+
+def quote_ident(name: str) -> str:
+    """A PostgreSQL identifier, quoted (database names cannot be bind parameters)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def base_settings() -> Settings:
+    """Settings from the environment (DATABASE_URL, ...), defaults otherwise."""
+    return Settings.from_env()
+
+
+def url_for(database: str, settings: Settings | None = None) -> str:
+    """The SQLAlchemy URL of ``database`` on the server of DATABASE_URL."""
+    url: URL = make_url((settings or base_settings()).database_url)
+    return url.set(database=database).render_as_string(hide_password=False)
+
+
+def admin_dsn(settings: Settings | None = None) -> str:
+    """A plain asyncpg DSN to the ``postgres`` maintenance database of that server."""
+    url: URL = make_url((settings or base_settings()).database_url)
+    return url.set(drivername="postgresql", database="postgres").render_as_string(
+        hide_password=False
+    )
+
+
+async def admin_connect() -> asyncpg.Connection:
+    return await asyncpg.connect(admin_dsn(), timeout=10)
+
+
+async def drop_database(conn: asyncpg.Connection, name: str) -> None:
+    """Drop ``name`` if it exists, even if it is a template or has sessions."""
+    exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+    if not exists:
+        return
+    await conn.execute(f"ALTER DATABASE {quote_ident(name)} IS_TEMPLATE false")
+    await conn.execute(f"DROP DATABASE {quote_ident(name)} WITH (FORCE)")
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="session")
+async def postgres_available() -> None:
+    """PostgreSQL must answer; if it does not, the whole run fails, loudly."""
+    dsn = admin_dsn()
+    try:
+        conn = await asyncpg.connect(dsn, timeout=10)
+    except (OSError, TimeoutError, asyncpg.PostgresError) as error:
+        pytest.fail(
+            f"PostgreSQL is not reachable at {make_url(dsn).render_as_string()} "
+            f"(set DATABASE_URL or start the local stack): {error!r}",
+            pytrace=False,
+        )
+    try:
+        version = await conn.fetchval("SHOW server_version_num")
+        assert int(version) >= 150000, f"PostgreSQL 15 or later is required, got {version}"
+    finally:
+        await conn.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="session")
+async def template_database(postgres_available: None) -> AsyncIterator[str]:
+    """Migrate ``utxoiq_test_template`` once; yields its name."""
+    conn = await admin_connect()
+    try:
+        await drop_database(conn, TEMPLATE_DATABASE)
+        await conn.execute(f"CREATE DATABASE {quote_ident(TEMPLATE_DATABASE)}")
+        settings = dataclasses.replace(base_settings(), database_url=url_for(TEMPLATE_DATABASE))
+        # upgrade() disposes every engine it creates (and env.py uses a NullPool), so
+        # no session is left behind; CREATE DATABASE ... TEMPLATE needs none open.
+        await upgrade(settings)
+        leftover = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1", TEMPLATE_DATABASE
+        )
+        assert leftover == 0, f"{leftover} sessions still open on the template after migrating"
+        # No connections from now on: a stray one would make every copy fail.
+        await conn.execute(
+            f"ALTER DATABASE {quote_ident(TEMPLATE_DATABASE)}"
+            " IS_TEMPLATE true ALLOW_CONNECTIONS false"
+        )
+        yield TEMPLATE_DATABASE
+        await drop_database(conn, TEMPLATE_DATABASE)
+    finally:
+        await conn.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def database_url(template_database: str) -> AsyncIterator[str]:
+    """A fresh, migrated database of this test's own; its SQLAlchemy URL."""
+    name = f"{TEST_DATABASE_PREFIX}{uuid.uuid4().hex[:12]}"
+    conn = await admin_connect()
+    try:
+        await conn.execute(
+            f"CREATE DATABASE {quote_ident(name)} TEMPLATE {quote_ident(template_database)}"
+        )
+        yield url_for(name)
+        await conn.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def settings(database_url: str) -> Settings:
+    return dataclasses.replace(base_settings(), database_url=database_url)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(settings)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+def db(engine: AsyncEngine) -> DatabaseService:
+    return DatabaseService(engine)
