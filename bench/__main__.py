@@ -5,9 +5,15 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from bench import drain, store
+from bench import drain, ingest, store
 
-SCENARIOS = {"store": store.run, "drain": drain.run, "rss": drain.run_rss}
+SCENARIOS = {
+    "store": store.run,
+    "drain": drain.run,
+    "batched": ingest.run_batched,
+    "latency": ingest.run_latency,
+    "rss": drain.run_rss,
+}
 
 
 def main(argv: list[str]) -> int:

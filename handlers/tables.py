@@ -108,7 +108,6 @@ system_metrics = Table(
     PrimaryKeyConstraint("id", "timestamp", name="pk_system_metrics"),
     Index("idx_metrics_service_time", "service_name", text('"timestamp" DESC')),
     Index("idx_metrics_type_time", "metric_type", text('"timestamp" DESC')),
-    Index("idx_metrics_service_type_time", "service_name", "metric_type", text('"timestamp" DESC')),
     postgresql_partition_by="RANGE (timestamp)",
 )
 

@@ -6,7 +6,7 @@ import re
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, StrictStr
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StrictStr
 
 # RFC 3339 date-time: a full date, a time and a mandatory offset (``Z`` or ``+hh:mm``).
 # datetime.fromisoformat alone would also take naive and date-only values.
@@ -15,44 +15,27 @@ _RFC3339 = re.compile(
 )
 
 
-def parse_rfc3339(value: Any) -> datetime:
-    """Parse an RFC 3339 timestamp; refuse anything without an offset."""
+def rfc3339_input(value: Any) -> Any:
+    """Let through an aware datetime or an RFC 3339 string; pydantic parses the string.
+
+    Refused here: numbers (pydantic would read them as Unix times), date-only and
+    other ISO 8601 shapes. Naive values are refused by ``AwareDatetime`` itself.
+    """
     if isinstance(value, datetime):
-        if value.tzinfo is None or value.utcoffset() is None:
-            raise ValueError("timestamp must carry a UTC offset")
         return value
-    if not isinstance(value, str):
-        raise ValueError("timestamp must be an RFC 3339 string")
-    if not _RFC3339.match(value):
-        raise ValueError("timestamp must be RFC 3339 with an offset (Z or +hh:mm)")
-    text = value.replace("z", "Z").replace("t", "T")
-    # Python keeps microseconds only: cut nanosecond fractions rather than refuse them.
-    match = re.match(r"(.*\.\d{6})\d+(.*)", text)
-    if match:
-        text = match.group(1) + match.group(2)
-    try:
-        return datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise ValueError(f"invalid timestamp: {exc}") from None
-
-
-def _storable_text(value: str) -> str:
-    # PostgreSQL text can hold neither NUL nor lone surrogates (not valid UTF-8).
-    if "\x00" in value:
-        raise ValueError("text may not contain NUL characters")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("text must be valid Unicode (no lone surrogates)") from None
+    if not isinstance(value, str) or not _RFC3339.match(value):
+        raise ValueError("timestamp must be an RFC 3339 string with an offset (Z or +hh:mm)")
     return value
 
 
-Timestamp = Annotated[datetime, BeforeValidator(parse_rfc3339)]
-"""An aware datetime, from an RFC 3339 string with an offset."""
+Timestamp = Annotated[AwareDatetime, BeforeValidator(rfc3339_input)]
+"""An aware datetime, from an RFC 3339 string with an offset (parsed in Rust)."""
 
 
-StorableText = Annotated[StrictStr, AfterValidator(_storable_text)]
-"""A string stored byte for byte: strict type (no coercion), no NUL, valid Unicode.
+StorableText = Annotated[StrictStr, Field(pattern=r"^[^\x00]*$")]
+"""A string stored byte for byte: strict type (no coercion) and no NUL, which
+PostgreSQL text cannot hold; lone surrogates are refused by pydantic itself. Checked
+in pydantic's core, not in a Python callback: it runs for every text field.
 Lengths are set per field with ``Field(min_length=..., max_length=...)`` in characters."""
 
 

@@ -40,13 +40,14 @@ def _all_finite(value: Any) -> bool:
 def _canonical_object(value: dict[str, Any] | None) -> JsonObject | None:
     if value is None:
         return None
-    # orjson would write NaN as null: refuse it first (decoded messages never hold it).
-    if not _all_finite(value):
-        raise ValueError("must be finite JSON (no NaN or Infinity)")
     try:
         encoded = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
     except TypeError as error:
         raise ValueError(f"must be JSON: {error}") from None
+    # orjson writes NaN and Infinity as null: look closer only when a null is there
+    # (decoded messages never hold them; objects built in Python might).
+    if b"null" in encoded and not _all_finite(value):
+        raise ValueError("must be finite JSON (no NaN or Infinity)")
     if len(encoded) > MAX_METADATA_BYTES:
         raise ValueError(f"larger than {MAX_METADATA_BYTES} bytes")
     result = JsonObject(value)

@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     defaults_b, defaults_p = BatchSettings(), PullSettings()
     for name, default, text in (
         ("max-batch-size", defaults_b.max_batch_size, "messages per batch"),
+        ("max-batch-bytes", defaults_b.max_batch_bytes, "message data per batch"),
         ("max-batch-delay-ms", defaults_b.max_batch_delay_ms, "oldest message's longest wait"),
         (
             "max-concurrent-flushes",
@@ -122,6 +123,7 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             topics=tuple(args.only or INGEST_TOPICS),
             batch=BatchSettings(
                 max_batch_size=args.max_batch_size,
+                max_batch_bytes=args.max_batch_bytes,
                 max_batch_delay_ms=args.max_batch_delay_ms,
                 max_concurrent_flushes=args.max_concurrent_flushes,
             ),

@@ -1,96 +1,184 @@
-"""``utxoiq-worker demo``: the data service layer on sample data, printed."""
+"""``utxoiq-worker demo``: the main job on sample data, printed.
+
+Migrates, applies the Pub/Sub topology, starts the pull worker, publishes sample
+events for every topic (with a duplicate, an out-of-order event and a few bad
+messages), waits until they are settled, and prints the stored rows and the dead
+letters with their reasons. Then the data service layer on its own.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from handlers.service import DatabaseService
-from schemas.feedback import FeedbackEvent
-from schemas.metrics import MetricSample
+from worker import topology
 from worker.config import Settings
-from worker.db import create_engine
-from worker.exceptions import NotFoundError
 from worker.migrate import upgrade
+from worker.pubsub import PubSub, PubsubMessage
+from worker.runner import RunOptions, Worker
+
+SETTLE_TIMEOUT_S = 60
 
 
 def _show(title: str, value: Any) -> None:
     print(f"\n== {title}")
-    if isinstance(value, list):
-        for item in value:
-            print("  " + json.dumps(item.model_dump(mode="json"), ensure_ascii=False))
-    else:
-        print("  " + json.dumps(value.model_dump(mode="json"), ensure_ascii=False))
+    items = value if isinstance(value, list) else [value]
+    for item in items:
+        data = item.model_dump(mode="json") if hasattr(item, "model_dump") else item
+        print("  " + json.dumps(data, ensure_ascii=False))
+
+
+def _sample_events(run: str, now: datetime) -> dict[str, list[bytes]]:
+    job = str(uuid.uuid4())
+    t = [(now - timedelta(minutes=m)).isoformat().replace("+00:00", "Z") for m in (30, 20, 10)]
+    progress = {
+        "job_id": job,
+        "job_type": "blocks",
+        "start_block": 800_000,
+        "end_block": 810_000,
+        "created_by": "demo",
+    }
+    backfill = [
+        {**progress, "current_block": 800_000, "status": "running", "occurred_at": t[0]},
+        {**progress, "current_block": 810_000, "status": "completed", "occurred_at": t[2]},
+        # Published last, happened in between: it neither rewinds nor reopens the job.
+        {**progress, "current_block": 805_000, "status": "running", "occurred_at": t[1]},
+    ]
+    insight = f"insight_{run}"
+    feedback = [
+        {
+            "insight_id": insight,
+            "user_id": "user_1",
+            "rating": 5,
+            "comment": "Great insight!",
+            "occurred_at": t[2],
+        },
+        {"insight_id": insight, "user_id": "user_1", "rating": 2, "occurred_at": t[0]},
+        {
+            "insight_id": insight,
+            "user_id": "user_2",
+            "rating": 4,
+            "flag_type": "misleading",
+            "flag_reason": "axis starts at 40k",
+            "occurred_at": t[1],
+        },
+    ]
+    metrics = [
+        {
+            "service_name": f"web-api-{run}",
+            "metric_type": "cpu",
+            "metric_value": 40.0 + i,
+            "unit": "percent",
+            "timestamp": t[i % 3],
+            "metadata": {"host": f"host-{i}"},
+        }
+        for i in range(3)
+    ]
+
+    def encode(event: dict[str, Any]) -> bytes:
+        return json.dumps(event).encode()
+
+    conflict = {**backfill[0], "job_type": "transactions"}  # fixed fields never change
+    return {
+        "backfill-progress": [*map(encode, backfill), encode(backfill[0]), encode(conflict)],
+        "feedback": [
+            *map(encode, feedback),
+            b"{not json",
+            b"\xff\xfe not UTF-8",
+            encode({"insight_id": insight}),  # required fields missing
+        ],
+        "metrics": [
+            encode({"metrics": metrics}),
+            encode(metrics[0]),  # the same sample again: stored once
+            encode({**metrics[0], "metric_value": "high"}),
+        ],
+    }
+
+
+async def _publish(pubsub: PubSub, events: dict[str, list[bytes]]) -> None:
+    for topic_name, payloads in events.items():
+        # One at a time, so that the conflicting event comes after its job exists.
+        for data in payloads:
+            await pubsub.publish(pubsub.topic(topic_name), [PubsubMessage(data=data)])
+
+
+async def _dead_letters(pubsub: PubSub, since: datetime, expected: int) -> list[dict[str, Any]]:
+    """This run's dead letters (an emulator may hold older ones: they are acked, unshown)."""
+    found: list[dict[str, Any]] = []
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while len(found) < expected and time.monotonic() < deadline:
+        for spec in topology.TOPOLOGY[:3]:
+            path = pubsub.subscription(spec.dead_letter_subscription)
+            received = await pubsub.pull(path, 100, 0.5)
+            if received:
+                await pubsub.acknowledge(path, [r.ack_id for r in received])
+            for r in received:
+                attributes = dict(r.message.attributes)
+                published = datetime.fromisoformat(attributes["source_publish_time"])
+                if published < since:
+                    continue
+                found.append(
+                    {
+                        "topic": attributes["source_topic"],
+                        "reason": attributes["dead_letter_reason"],
+                        "detail": attributes["dead_letter_detail"],
+                        "data": r.message.data[:60].decode("utf-8", "replace"),
+                    }
+                )
+    return found
+
+
+async def _wait_until(check: Any) -> None:
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while not await check() and time.monotonic() < deadline:  # noqa: ASYNC110 - polls the database
+        await asyncio.sleep(0.1)
 
 
 async def run_demo(settings: Settings) -> int:
     await upgrade(settings)
-    engine = create_engine(settings)
-    db = DatabaseService(engine)
+    counts = await topology.apply(settings)
+    print(f"topology: {counts}")
+    run = uuid.uuid4().hex[:6]
+    now = datetime.now(UTC).replace(microsecond=0)
+    started = datetime.now(UTC) - timedelta(seconds=5)  # publish times are the server's
+    worker = Worker(
+        settings,
+        RunOptions(),
+    )
+    worker.start()
+    pubsub = PubSub(settings)
+    db = DatabaseService(worker.engine)
     try:
-        now = datetime.now(UTC).replace(microsecond=0)
-        job = await db.create_backfill_job(
-            job_type="blocks", start_block=800_000, end_block=810_000, created_by="demo"
-        )
-        await db.update_backfill_progress(job.job_id, 805_000)
-        await db.update_backfill_progress(job.job_id, 803_000)  # older progress never rewinds
+        events = _sample_events(run, now)
+        await _publish(pubsub, events)
+        dead = await _dead_letters(pubsub, started, expected=5)
+        job_id = uuid.UUID(json.loads(events["backfill-progress"][0])["job_id"])
+
+        async def all_stored() -> bool:
+            rows = await db.get_metrics(f"web-api-{run}", "cpu")
+            return len(rows) == 3
+
+        await _wait_until(all_stored)
         _show(
-            "backfill job after progress 805000 then 803000", await db.get_backfill_job(job.job_id)
+            "backfill job (3 events, one duplicate, out of order)",
+            await db.get_backfill_job(job_id),
         )
-        _show("backfill job completed", await db.complete_backfill_job(job.job_id))
-
-        insight = f"insight_demo_{uuid.uuid4().hex[:8]}"
-        events = [
-            FeedbackEvent(
-                insight_id=insight,
-                user_id="user_1",
-                rating=5,
-                comment="Great insight!",
-                occurred_at=now,
-            ),
-            # Arrives later but happened earlier: last writer by event time keeps rating 5.
-            FeedbackEvent(
-                insight_id=insight,
-                user_id="user_1",
-                rating=1,
-                occurred_at=now - timedelta(minutes=5),
-            ),
-            FeedbackEvent(
-                insight_id=insight,
-                user_id="user_2",
-                rating=3,
-                flag_type="misleading",
-                flag_reason="numbers look off",
-                occurred_at=now,
-            ),
-        ]
-        for event in events:
-            await db.create_feedback(event)
-        _show("feedback rows", await db.list_feedback(insight_id=insight))
-        _show("feedback stats", await db.get_feedback_stats(insight))
-
-        service = f"demo-{uuid.uuid4().hex[:6]}"
-        samples = [
-            MetricSample(
-                service_name=service,
-                metric_type="cpu",
-                metric_value=40.0 + i,
-                unit="percent",
-                timestamp=now - timedelta(minutes=20 * i),
-                metadata={"host": "a"},
-            )
-            for i in range(6)
-        ]
-        await db.record_metrics_batch(samples)
-        await db.record_metrics_batch(samples)  # the same samples again: stored once
-        _show("metrics (recorded twice, stored once)", await db.get_metrics(service, "cpu"))
-        _show("metrics per hour", await db.aggregate_metrics(service, "cpu", "hour"))
-        try:
-            await db.get_backfill_job(uuid.uuid4())
-        except NotFoundError as error:
-            print(f"\n== unknown job -> {type(error).__name__}: {error}")
+        _show(
+            "feedback rows (last writer by occurred_at wins)",
+            await db.list_feedback(insight_id=f"insight_{run}"),
+        )
+        _show("feedback stats", await db.get_feedback_stats(f"insight_{run}"))
+        _show(
+            "metrics (4 samples published, 3 distinct)",
+            await db.get_metrics(f"web-api-{run}", "cpu"),
+        )
+        _show("dead letters", dead)
     finally:
-        await engine.dispose()
+        await pubsub.close()
+        await worker.stop()
     return 0

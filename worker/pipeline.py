@@ -3,7 +3,8 @@
 source -> decode/validate -> batch -> handler (one transaction) -> commit ->
 after-commit hook (cache invalidations) -> dead letters -> ack.
 
-A batch is flushed when it holds ``max_batch_size`` deliveries or when its oldest
+A batch is flushed when it holds ``max_batch_size`` deliveries or ``max_batch_bytes``
+of message data (a metrics message may carry 1000 samples), or when its oldest
 delivery has waited ``max_batch_delay_ms``. Up to ``max_concurrent_flushes`` batches
 of a topic are in flight at once, so Python decodes the next batch while PostgreSQL
 commits the last. A delivery is acked only after its batch committed (or after it
@@ -38,6 +39,7 @@ AfterCommit = Callable[[str, frozenset[str]], Awaitable[None]]
 @dataclass(frozen=True)
 class BatchSettings:
     max_batch_size: int = 1000
+    max_batch_bytes: int = 1024 * 1024
     max_batch_delay_ms: int = 50
     max_concurrent_flushes: int = 3
 
@@ -92,6 +94,7 @@ class TopicPipeline:
         self.backoff = backoff or Backoff()
         self._attributes = {"topic": self.topic}
         self._pending: list[_Entry] = []
+        self._pending_bytes = 0
         self._oldest_at = 0.0
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(settings.max_concurrent_flushes)
@@ -112,8 +115,15 @@ class TopicPipeline:
             self._oldest_at = time.monotonic()
             self._wakeup.set()  # a batch has started: its delay clock runs
         self._pending.append(entry)
-        if len(self._pending) >= self.settings.max_batch_size:
+        self._pending_bytes += len(delivery.data)
+        if self._full():
             self._wakeup.set()
+
+    def _full(self) -> bool:
+        return (
+            len(self._pending) >= self.settings.max_batch_size
+            or self._pending_bytes >= self.settings.max_batch_bytes
+        )
 
     # -- flushing --------------------------------------------------------------------
 
@@ -126,11 +136,7 @@ class TopicPipeline:
                 await self._wakeup.wait()
                 continue
             wait_s = self._oldest_at + delay_s - time.monotonic()
-            if (
-                len(self._pending) < self.settings.max_batch_size
-                and wait_s > 0
-                and not self._closing
-            ):
+            if not self._full() and wait_s > 0 and not self._closing:
                 self._wakeup.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), wait_s)
@@ -139,8 +145,15 @@ class TopicPipeline:
             self._start_flush(self._take())
 
     def _take(self) -> list[_Entry]:
-        batch = self._pending[: self.settings.max_batch_size]
-        self._pending = self._pending[self.settings.max_batch_size :]
+        """The next batch: up to the size cap and the byte cap, at least one entry."""
+        count, size = 0, 0
+        for entry in self._pending[: self.settings.max_batch_size]:
+            if count and size + len(entry.delivery.data) > self.settings.max_batch_bytes:
+                break
+            count += 1
+            size += len(entry.delivery.data)
+        batch, self._pending = self._pending[:count], self._pending[count:]
+        self._pending_bytes -= size
         self._oldest_at = time.monotonic()
         return batch
 
@@ -166,6 +179,7 @@ class TopicPipeline:
     def nack_pending(self) -> int:
         """Nack what was never flushed (shutdown past its budget); how many."""
         pending, self._pending = self._pending, []
+        self._pending_bytes = 0
         for entry in pending:
             entry.delivery.nack()
         self.telemetry.nacked.add(len(pending), self._attributes)

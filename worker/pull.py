@@ -37,7 +37,7 @@ MAX_PULL_MESSAGES = 1000
 
 @dataclass(frozen=True)
 class PullSettings:
-    pullers: int = 3
+    pullers: int = 8
     max_outstanding_messages: int = 10_000
     max_outstanding_bytes: int = 100 * 1024 * 1024
     pull_timeout_s: float = 2.0
@@ -65,6 +65,9 @@ class PullSource:
         self.settings = settings
         self._outstanding: dict[str, tuple[float, int]] = {}  # ack_id -> (received, bytes)
         self._outstanding_bytes = 0
+        # Messages asked for by pulls in flight: concurrent pullers must not each
+        # claim the same room, or flow control would allow pullers x the limit.
+        self._requested = 0
         self._room = asyncio.Event()
         self._room.set()
         self._acks: list[str] = []
@@ -96,7 +99,7 @@ class PullSource:
 
     def _has_room(self) -> bool:
         return (
-            len(self._outstanding) < self.settings.max_outstanding_messages
+            len(self._outstanding) + self._requested < self.settings.max_outstanding_messages
             and self._outstanding_bytes < self.settings.max_outstanding_bytes
         )
 
@@ -151,9 +154,11 @@ class PullSource:
             if self._stopping:
                 break
             room = self.settings.max_outstanding_messages - len(self._outstanding)
+            asked = min(MAX_PULL_MESSAGES, room - self._requested)
+            self._requested += asked
             try:
                 received = await self.pubsub.pull(
-                    self.subscription, min(MAX_PULL_MESSAGES, room), self.settings.pull_timeout_s
+                    self.subscription, asked, self.settings.pull_timeout_s
                 )
             except WorkerError as error:
                 log.warning(
@@ -161,6 +166,10 @@ class PullSource:
                 )
                 self.pipeline.backoff.failed()
                 continue
+            finally:
+                self._requested -= asked
+                if self._has_room():
+                    self._room.set()
             now = time.monotonic()
             for received_message in received:
                 message = received_message.message

@@ -130,11 +130,6 @@ def upgrade() -> None:
     op.create_index(
         "idx_metrics_type_time", "system_metrics", ["metric_type", sa.text('"timestamp" DESC')]
     )
-    op.create_index(
-        "idx_metrics_service_type_time",
-        "system_metrics",
-        ["service_name", "metric_type", sa.text('"timestamp" DESC')],
-    )
     op.create_table(
         "system_metric_ids",
         sa.Column("id", postgresql.UUID(as_uuid=True), nullable=False),
