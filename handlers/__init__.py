@@ -5,12 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 from handlers.backfill import BackfillHandler
+from handlers.cache_invalidation import CacheInvalidationHandler
 from handlers.feedback import FeedbackHandler
 from handlers.metrics import MetricsHandler
+from worker.cache import Cache
 from worker.handler import Handler
 
 
-def build_handlers() -> dict[str, Handler[Any]]:
-    """A fresh handler per ingested topic (handlers hold per-process caches)."""
+def build_handlers(cache: Cache | None = None) -> dict[str, Handler[Any]]:
+    """A fresh handler per topic (handlers hold per-process caches).
+
+    The Redis updater (``cache-invalidation``) is included when a cache is given.
+    """
     handlers: list[Handler[Any]] = [BackfillHandler(), FeedbackHandler(), MetricsHandler()]
+    if cache is not None:
+        handlers.append(CacheInvalidationHandler(cache))
     return {h.topic: h for h in handlers}

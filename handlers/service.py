@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from handlers import backfill, feedback, metrics
 from schemas.backfill import BackfillJobResponse, BackfillProgressEvent, BackfillStatus
 from schemas.feedback import FeedbackEvent, FeedbackRecord, FeedbackStats
-from schemas.metrics import MetricAggregate, MetricRecord, MetricSample
+from schemas.metrics import MetricAggregate, MetricPoint, MetricRecord, MetricSample
 from worker.db import connection, transaction
 from worker.exceptions import NotFoundError, PermanentError, ValidationError
 from worker.handler import BatchOutcome
@@ -210,6 +210,12 @@ class DatabaseService:
                 end=end,
                 limit=limit,
             )
+
+    async def recent_metrics(
+        self, service_name: str, metric_type: str, limit: int = metrics.RECENT_LIMIT
+    ) -> list[MetricPoint]:
+        async with connection(self.engine) as conn:
+            return await metrics.recent(conn, service_name, metric_type, limit)
 
     async def aggregate_metrics(
         self,

@@ -14,7 +14,7 @@ from worker.config import Settings
 from worker.exceptions import WorkerError
 from worker.pipeline import BatchSettings
 from worker.pull import PullSettings
-from worker.topology import INGEST_TOPICS
+from worker.topology import RUN_TOPICS
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +49,16 @@ def _parser() -> argparse.ArgumentParser:
         help="base URL of `serve`: create push subscriptions to URL/push/TOPIC (env PUSH_ENDPOINT)",
     )
 
+    serve = commands.add_parser("serve", help="the HTTP app (read API, health) on PORT")
+    serve.add_argument(
+        "--host", default=os.environ.get("HOST", "0.0.0.0"), help="bind address (env HOST)"
+    )
+
     run = commands.add_parser("run", help="the pull worker")
     run.add_argument(
         "--only",
         action="append",
-        choices=INGEST_TOPICS,
+        choices=RUN_TOPICS,
         metavar="TOPIC",
         default=_env_list("WORKER_TOPICS"),
         help="consume only this topic (repeatable; env WORKER_TOPICS, comma list)",
@@ -116,11 +121,15 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             counts = await topology.apply(settings, args.push_endpoint)
             print(" ".join(f"{k}={v}" for k, v in counts.items()))
         return 0
+    if args.command == "serve":
+        from worker.serve import serve
+
+        return await serve(settings, args.host)
     if args.command == "run":
         from worker.runner import RunOptions, run_worker
 
         options = RunOptions(
-            topics=tuple(args.only or INGEST_TOPICS),
+            topics=tuple(args.only or RUN_TOPICS),
             batch=BatchSettings(
                 max_batch_size=args.max_batch_size,
                 max_batch_bytes=args.max_batch_bytes,

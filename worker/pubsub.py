@@ -35,6 +35,8 @@ AcknowledgeRequest: Any = types.AcknowledgeRequest.pb()
 ModifyAckDeadlineRequest: Any = types.ModifyAckDeadlineRequest.pb()
 PublishRequest: Any = types.PublishRequest.pb()
 PublishResponse: Any = types.PublishResponse.pb()
+GetTopicRequest: Any = types.GetTopicRequest.pb()
+Topic: Any = types.Topic.pb()
 
 SCOPES = ("https://www.googleapis.com/auth/pubsub",)
 CHANNEL_OPTIONS = [
@@ -98,9 +100,20 @@ class PubSub:
         self._modack = self.channel.unary_unary(
             sub + "ModifyAckDeadline", ModifyAckDeadlineRequest.SerializeToString, empty
         )
+        self._get_topic = self.channel.unary_unary(
+            pub + "GetTopic", GetTopicRequest.SerializeToString, Topic.FromString
+        )
         self._publish = self.channel.unary_unary(
             pub + "Publish", PublishRequest.SerializeToString, PublishResponse.FromString
         )
+
+    async def reachable(self, topic: str = "metrics", timeout_s: float = 2.0) -> bool:
+        """Whether Pub/Sub answers (a GetTopic on one of our topics)."""
+        try:
+            await self._get_topic(GetTopicRequest(topic=self.topic(topic)), timeout=timeout_s)
+        except grpc.aio.AioRpcError:
+            return False
+        return True
 
     async def close(self) -> None:
         await self.channel.close()

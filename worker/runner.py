@@ -17,14 +17,16 @@ from dataclasses import dataclass, field
 
 from handlers import build_handlers
 from handlers.metrics import ensure_months_ahead
+from worker.cache import Cache, create_redis
 from worker.config import Settings
 from worker.db import create_engine
 from worker.deadletter import DeadLetterPublisher
-from worker.pipeline import Backoff, BatchSettings, TopicPipeline
+from worker.invalidation import INVALIDATION_TOPIC, InvalidationPublisher
+from worker.pipeline import BatchSettings, TopicPipeline
 from worker.pubsub import PubSub
 from worker.pull import PullSettings, PullSource
 from worker.telemetry import Telemetry, create_telemetry
-from worker.topology import INGEST_TOPICS, spec_for
+from worker.topology import RUN_TOPICS, spec_for
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ SHUTDOWN_BUDGET_S = 9.0
 
 @dataclass(frozen=True)
 class RunOptions:
-    topics: Sequence[str] = INGEST_TOPICS
+    topics: Sequence[str] = RUN_TOPICS
     batch: BatchSettings = field(default_factory=BatchSettings)
     pull: PullSettings = field(default_factory=PullSettings)
 
@@ -50,8 +52,12 @@ class Worker:
         self.engine = create_engine(settings)
         self.pubsub = PubSub(settings)
         dead_letters = DeadLetterPublisher(self.pubsub)
-        backoff = Backoff()
-        handlers = build_handlers()
+        # Redis is only needed by the updater; ingestion never waits for it.
+        self.cache = Cache(create_redis(settings)) if INVALIDATION_TOPIC in options.topics else None
+        handlers = build_handlers(self.cache)
+        # Every committed ingest batch names its cache keys on cache-invalidation,
+        # whether or not this process also runs the updater.
+        publish_invalidations = InvalidationPublisher(self.pubsub)
         self.pipelines = [
             TopicPipeline(
                 handlers[topic],
@@ -59,7 +65,7 @@ class Worker:
                 dead_letters,
                 self.telemetry,
                 options.batch,
-                backoff=backoff,
+                after_commit=None if topic == INVALIDATION_TOPIC else publish_invalidations,
             )
             for topic in options.topics
         ]
@@ -94,6 +100,8 @@ class Worker:
         await asyncio.gather(*(s.close() for s in self.sources))
         await self.pubsub.close()
         await self.engine.dispose()
+        if self.cache is not None:
+            await self.cache.close()
         self.telemetry.shutdown()
         log.info(
             "worker stopped",

@@ -46,6 +46,8 @@ class TopicSpec:
 
 
 INGEST_TOPICS = ("backfill-progress", "feedback", "metrics")
+# What `utxoiq-worker run` consumes by default: ingestion and the Redis updater.
+RUN_TOPICS = (*INGEST_TOPICS, "cache-invalidation")
 TOPOLOGY: tuple[TopicSpec, ...] = (
     TopicSpec("backfill-progress", "backfill-progress-worker"),
     TopicSpec("feedback", "feedback-worker"),

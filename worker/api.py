@@ -1,0 +1,175 @@
+"""The HTTP app that ``utxoiq-worker serve`` runs: health, readiness, the read API.
+
+Every ``/v1`` read goes through the cache-aside path (``handlers.reads``). Errors are
+JSON: 404 ``{"error": "not_found", "detail": ...}``, 422 with the offending field named
+in ``detail[].loc`` (FastAPI's validation format), 503 when a dependency is down.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated, Literal
+
+from fastapi import FastAPI, Path, Query, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from handlers.reads import CacheService
+from handlers.service import DatabaseService
+from schemas.backfill import BackfillJobResponse, BackfillStatus
+from schemas.feedback import FeedbackStats
+from schemas.metrics import MetricAggregate, MetricPoint, MetricRecord
+from worker.cache import Cache, create_redis
+from worker.config import Settings
+from worker.db import connection, create_engine
+from worker.exceptions import NotFoundError, ValidationError, WorkerError
+from worker.pubsub import PubSub
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    engine: AsyncEngine
+    db: DatabaseService
+    cache: Cache
+    reads: CacheService
+    pubsub: PubSub
+
+    @classmethod
+    def create(cls, settings: Settings) -> Services:
+        engine = create_engine(settings)
+        db = DatabaseService(engine)
+        cache = Cache(create_redis(settings))
+        return cls(engine, db, cache, CacheService(cache, db), PubSub(settings))
+
+    async def close(self) -> None:
+        await self.cache.close()
+        await self.pubsub.close()
+        await self.engine.dispose()
+
+
+def _services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = services is None
+        app.state.services = services or Services.create(settings)
+        try:
+            yield
+        finally:
+            if owned:
+                await app.state.services.close()
+
+    app = FastAPI(
+        title="utxoIQ persistence worker",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Health, readiness and the cache-aside read API of the worker.",
+    )
+
+    @app.exception_handler(NotFoundError)
+    async def not_found(request: Request, error: NotFoundError) -> JSONResponse:
+        return JSONResponse({"error": "not_found", "detail": str(error)}, status_code=404)
+
+    @app.exception_handler(ValidationError)
+    async def invalid(request: Request, error: ValidationError) -> JSONResponse:
+        field, _, message = error.detail.partition(": ")
+        return JSONResponse(
+            {"error": "invalid", "detail": [{"loc": ["query", field], "msg": message}]},
+            status_code=422,
+        )
+
+    @app.exception_handler(WorkerError)
+    async def unavailable(request: Request, error: WorkerError) -> JSONResponse:
+        log.warning("request failed", extra={"path": request.url.path, "error": str(error)})
+        return JSONResponse({"error": "unavailable", "detail": str(error)}, status_code=503)
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, str]:
+        """The process is alive."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], responses={503: {"description": "not ready"}})
+    async def readyz(request: Request) -> JSONResponse:
+        """Database, Redis and Pub/Sub are reachable."""
+        services = _services(request)
+        checks = {
+            "database": await _database_ok(services.engine),
+            "redis": await services.cache.ping(),
+            "pubsub": await services.pubsub.reachable(),
+        }
+        ready = all(checks.values())
+        return JSONResponse(
+            {"status": "ready" if ready else "not_ready", "checks": checks},
+            status_code=200 if ready else 503,
+        )
+
+    @app.get("/v1/feedback/{insight_id}/stats", tags=["read"])
+    async def feedback_stats(
+        request: Request, insight_id: Annotated[str, Path(min_length=1, max_length=100)]
+    ) -> FeedbackStats:
+        return await _services(request).reads.get_feedback_stats(insight_id)
+
+    @app.get(
+        "/v1/backfill-jobs/{job_id}", tags=["read"], responses={404: {"description": "unknown"}}
+    )
+    async def backfill_job(request: Request, job_id: uuid.UUID) -> BackfillJobResponse:
+        return await _services(request).reads.get_backfill_job(job_id)
+
+    @app.get("/v1/backfill-jobs", tags=["read"])
+    async def backfill_jobs(
+        request: Request,
+        status: BackfillStatus | None = None,
+        job_type: Annotated[str | None, Query(min_length=1, max_length=50)] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    ) -> list[BackfillJobResponse]:
+        return await _services(request).db.list_backfill_jobs(status, job_type, limit)
+
+    @app.get("/v1/metrics", tags=["read"])
+    async def metrics(
+        request: Request,
+        service_name: Annotated[str, Query(min_length=1, max_length=100)],
+        metric_type: Annotated[str | None, Query(min_length=1, max_length=50)] = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        interval: Literal["hour", "day"] | None = None,
+    ) -> list[MetricRecord] | list[MetricAggregate] | list[MetricPoint]:
+        """Aggregates with ``interval``; the cached latest 100 samples of a series when
+        no range is given; otherwise the samples in ``[start, end)``, newest first."""
+        services = _services(request)
+        for name, moment in (("start", start), ("end", end)):
+            if moment is not None and moment.tzinfo is None:
+                raise ValidationError(f"{name}: must carry a UTC offset (RFC 3339)")
+        if start is not None and end is not None and end <= start:
+            raise ValidationError("end: must be after start")
+        if interval is not None:
+            if metric_type is None:
+                raise ValidationError("metric_type: required with interval")
+            return await services.db.aggregate_metrics(
+                service_name, metric_type, interval, start, end
+            )
+        if metric_type is not None and start is None and end is None:
+            return await services.reads.recent_metrics(service_name, metric_type)
+        return await services.db.get_metrics(service_name, metric_type, start, end)
+
+    return app
+
+
+async def _database_ok(engine: AsyncEngine) -> bool:
+    try:
+        async with connection(engine) as conn:
+            await conn.execute(text("SELECT 1"))
+    except WorkerError:
+        return False
+    return True

@@ -1,0 +1,162 @@
+"""Redis as a cache that can never go stale for long, and never fail a caller.
+
+The classic race: a reader misses, loads the old value from PostgreSQL, the writer
+commits, the invalidation deletes the key, and then the reader writes its old value
+back, stale until the TTL. Closed here with a version token per key:
+
+- ``invalidate`` sets ``cache-version:{key}`` to a fresh random token and deletes the
+  key, in one MULTI;
+- a reader fetches the value and the token in one MGET; on a miss it loads from the
+  database and fills the key with a Lua compare-and-set that writes only if the token
+  is still the one it saw. An invalidation between its fetch and its fill changed the
+  token, so the old value is dropped. Random tokens (not counters) have no ABA: a
+  token that expired and came back is a different token.
+
+Invalidations are published after the commit, so a reader that saw the token before
+an invalidation may have read the old row, and is refused; one that saw it after read
+the new row. Redis being down costs a database query, never an error: reads skip
+Redis for a second after a failure (``breaker_s``). Only ``invalidate`` raises
+(``CacheUnavailableError``), because its caller must retry it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from redis import asyncio as aioredis
+from redis.exceptions import RedisError
+
+from worker.config import Settings
+from worker.exceptions import WorkerError
+
+log = logging.getLogger(__name__)
+
+VERSION_PREFIX = "cache-version:"
+# Longer than any value's TTL, so a token outlives every fill it guards.
+VERSION_TTL_S = 24 * 3600
+
+_FILL_IF_UNCHANGED = """
+local current = redis.call('GET', KEYS[2])
+if (current == false and ARGV[3] == '') or current == ARGV[3] then
+    redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+    return 1
+end
+return 0
+"""
+
+
+class CacheUnavailableError(WorkerError):
+    """Redis could not be reached; the invalidation must be tried again."""
+
+    transient = True
+
+
+def version_key(key: str) -> str:
+    return VERSION_PREFIX + key
+
+
+def create_redis(settings: Settings) -> aioredis.Redis:
+    return aioredis.Redis.from_url(
+        settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        socket_timeout=0.5,
+        socket_connect_timeout=0.5,
+        decode_responses=True,
+    )
+
+
+class Cache:
+    def __init__(self, redis: aioredis.Redis, breaker_s: float = 1.0) -> None:
+        self.redis = redis
+        self.breaker_s = breaker_s
+        self._down_until = 0.0
+        self._fill = redis.register_script(_FILL_IF_UNCHANGED)
+
+    def _available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def _failed(self, operation: str, error: Exception) -> None:
+        if self._available():
+            log.warning(
+                "redis unavailable, reading through",
+                extra={"operation": operation, "error": str(error)},
+            )
+        self._down_until = time.monotonic() + self.breaker_s
+
+    async def get(self, key: str) -> str | None:
+        """The cached value, or None on a miss or when Redis is down."""
+        value, _ = await self._fetch(key)
+        return value
+
+    async def _fetch(self, key: str) -> tuple[str | None, str | bool | None]:
+        """(value, version token); the token is False when Redis could not be asked."""
+        if not self._available():
+            return None, False
+        try:
+            value, token = await self.redis.mget([key, version_key(key)])
+        except (RedisError, OSError) as error:
+            self._failed("get", error)
+            return None, False
+        # decode_responses=True: Redis answers str (typed as bytes | str).
+        return (None if value is None else str(value)), (None if token is None else str(token))
+
+    async def set(self, key: str, value: str, ttl_s: int) -> None:
+        """Unconditional write (a value known to be current, e.g. just computed)."""
+        if not self._available():
+            return
+        try:
+            await self.redis.set(key, value, ex=ttl_s)
+        except (RedisError, OSError) as error:
+            self._failed("set", error)
+
+    async def delete(self, key: str) -> None:
+        """Invalidate one key; a Redis failure is logged, not raised."""
+        try:
+            await self.invalidate([key])
+        except CacheUnavailableError as error:
+            self._failed("delete", error)
+
+    async def get_or_load(
+        self, key: str, ttl_s: int, load: Callable[[], Awaitable[str | None]]
+    ) -> str | None:
+        """Cache, then ``load`` on a miss, then a fill guarded by the version token.
+
+        ``load`` returning None (not found) is not cached.
+        """
+        value, token = await self._fetch(key)
+        if value is not None:
+            return value
+        fresh = await load()
+        if fresh is not None and token is not False:
+            try:
+                await self._fill(keys=[key, version_key(key)], args=[fresh, ttl_s, token or ""])
+            except (RedisError, OSError) as error:
+                self._failed("fill", error)
+        return fresh
+
+    async def invalidate(self, keys: Sequence[str]) -> None:
+        """New version tokens and deleted values for ``keys``, in one round trip."""
+        if not keys:
+            return
+        pipe: Any = self.redis.pipeline(transaction=True)
+        for key in keys:
+            pipe.set(version_key(key), uuid.uuid4().hex, ex=VERSION_TTL_S)
+        pipe.delete(*keys)
+        try:
+            await pipe.execute()
+        except (RedisError, OSError) as error:
+            raise CacheUnavailableError(f"redis unavailable: {error}") from error
+        self._down_until = 0.0
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.redis.ping())
+        except (RedisError, OSError):
+            return False
+
+    async def close(self) -> None:
+        await self.redis.aclose()

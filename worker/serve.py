@@ -1,0 +1,29 @@
+"""``utxoiq-worker serve``: the HTTP app on ``PORT`` (Cloud Run's contract).
+
+uvicorn owns the signals: on SIGTERM it stops accepting, lets requests in flight
+finish within ``GRACEFUL_SHUTDOWN_S`` (Cloud Run allows 10 s) and exits 0.
+"""
+
+from __future__ import annotations
+
+import uvicorn
+
+from worker.api import create_app
+from worker.config import Settings
+
+GRACEFUL_SHUTDOWN_S = 8
+
+
+async def serve(settings: Settings, host: str = "0.0.0.0") -> int:
+    config = uvicorn.Config(
+        create_app(settings),
+        host=host,
+        port=settings.port,
+        log_config=None,  # our JSON-line logging stays in charge
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )
+    server = uvicorn.Server(config)
+    await server.serve()
+    return 0
