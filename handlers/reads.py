@@ -42,12 +42,17 @@ class CacheService:
     # -- feedback --------------------------------------------------------------------
 
     async def get_feedback_stats(self, insight_id: str) -> FeedbackStats:
+        return FeedbackStats.model_validate_json(await self.feedback_stats_json(insight_id))
+
+    async def feedback_stats_json(self, insight_id: str) -> str:
+        """The stats as JSON text: what HTTP serves, with no parse and re-encode."""
+
         async def load() -> str:
             return (await self.db.get_feedback_stats(insight_id)).model_dump_json()
 
         text = await self.cache.get_or_load(stats_cache_key(insight_id), STATS_TTL_S, load)
         assert text is not None  # stats always exist (zeros for an unknown insight)
-        return FeedbackStats.model_validate_json(text)
+        return text
 
     async def cache_feedback_stats(self, insight_id: str) -> FeedbackStats:
         """Warm the cache for an insight (a guarded fill, like any read miss)."""
@@ -60,6 +65,9 @@ class CacheService:
     # -- backfill --------------------------------------------------------------------
 
     async def get_backfill_job(self, job_id: uuid.UUID) -> BackfillJobResponse:
+        return BackfillJobResponse.model_validate_json(await self.backfill_job_json(job_id))
+
+    async def backfill_job_json(self, job_id: uuid.UUID) -> str:
         async def load() -> str | None:
             try:
                 return (await self.db.get_backfill_job(job_id)).model_dump_json()
@@ -69,13 +77,15 @@ class CacheService:
         text = await self.cache.get_or_load(job_cache_key(job_id), JOB_TTL_S, load)
         if text is None:
             raise NotFoundError(f"backfill job {job_id} not found")
-        return BackfillJobResponse.model_validate_json(text)
+        return text
 
     # -- metrics ---------------------------------------------------------------------
 
     async def recent_metrics(self, service_name: str, metric_type: str) -> list[MetricPoint]:
         """The latest 100 samples of a series, newest first."""
+        return _POINTS.validate_json(await self.recent_metrics_json(service_name, metric_type))
 
+    async def recent_metrics_json(self, service_name: str, metric_type: str) -> str:
         async def load() -> str:
             points = await self.db.recent_metrics(service_name, metric_type)
             return _POINTS.dump_json(points).decode("utf-8")
@@ -83,4 +93,4 @@ class CacheService:
         key = recent_cache_key(service_name, metric_type)
         text = await self.cache.get_or_load(key, RECENT_TTL_S, load)
         assert text is not None
-        return _POINTS.validate_json(text)
+        return text

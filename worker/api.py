@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import FastAPI, Path, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -115,17 +115,21 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
             status_code=200 if ready else 503,
         )
 
-    @app.get("/v1/feedback/{insight_id}/stats", tags=["read"])
+    # Cached reads answer with the cached JSON text as is: no parse and re-encode.
+    @app.get("/v1/feedback/{insight_id}/stats", tags=["read"], response_model=FeedbackStats)
     async def feedback_stats(
         request: Request, insight_id: Annotated[str, Path(min_length=1, max_length=100)]
-    ) -> FeedbackStats:
-        return await _services(request).reads.get_feedback_stats(insight_id)
+    ) -> Response:
+        return _json(await _services(request).reads.feedback_stats_json(insight_id))
 
     @app.get(
-        "/v1/backfill-jobs/{job_id}", tags=["read"], responses={404: {"description": "unknown"}}
+        "/v1/backfill-jobs/{job_id}",
+        tags=["read"],
+        response_model=BackfillJobResponse,
+        responses={404: {"description": "unknown job"}},
     )
-    async def backfill_job(request: Request, job_id: uuid.UUID) -> BackfillJobResponse:
-        return await _services(request).reads.get_backfill_job(job_id)
+    async def backfill_job(request: Request, job_id: uuid.UUID) -> Response:
+        return _json(await _services(request).reads.backfill_job_json(job_id))
 
     @app.get("/v1/backfill-jobs", tags=["read"])
     async def backfill_jobs(
@@ -136,7 +140,11 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     ) -> list[BackfillJobResponse]:
         return await _services(request).db.list_backfill_jobs(status, job_type, limit)
 
-    @app.get("/v1/metrics", tags=["read"])
+    @app.get(
+        "/v1/metrics",
+        tags=["read"],
+        response_model=list[MetricRecord] | list[MetricAggregate] | list[MetricPoint],
+    )
     async def metrics(
         request: Request,
         service_name: Annotated[str, Query(min_length=1, max_length=100)],
@@ -144,7 +152,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         start: datetime | None = None,
         end: datetime | None = None,
         interval: Literal["hour", "day"] | None = None,
-    ) -> list[MetricRecord] | list[MetricAggregate] | list[MetricPoint]:
+    ) -> list[MetricRecord] | list[MetricAggregate] | list[MetricPoint] | Response:
         """Aggregates with ``interval``; the cached latest 100 samples of a series when
         no range is given; otherwise the samples in ``[start, end)``, newest first."""
         services = _services(request)
@@ -160,10 +168,14 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
                 service_name, metric_type, interval, start, end
             )
         if metric_type is not None and start is None and end is None:
-            return await services.reads.recent_metrics(service_name, metric_type)
+            return _json(await services.reads.recent_metrics_json(service_name, metric_type))
         return await services.db.get_metrics(service_name, metric_type, start, end)
 
     return app
+
+
+def _json(text: str) -> Response:
+    return Response(content=text, media_type="application/json")
 
 
 async def _database_ok(engine: AsyncEngine) -> bool:
