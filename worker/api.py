@@ -7,6 +7,7 @@ in ``detail[].loc`` (FastAPI's validation format), 503 when a dependency is down
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from handlers import build_handlers
 from handlers.reads import CacheService
 from handlers.service import DatabaseService
 from schemas.backfill import BackfillJobResponse, BackfillStatus
@@ -28,8 +30,14 @@ from schemas.metrics import MetricAggregate, MetricPoint, MetricRecord
 from worker.cache import Cache, create_redis
 from worker.config import Settings
 from worker.db import connection, create_engine
+from worker.deadletter import DeadLetterPublisher
 from worker.exceptions import NotFoundError, ValidationError, WorkerError
+from worker.invalidation import InvalidationPublisher
+from worker.oidc import AuthError, ForbiddenError, PushVerifier
+from worker.pipeline import BatchSettings
 from worker.pubsub import PubSub
+from worker.push import MAX_PUSH_BODY_BYTES, EnvelopeError, PushIngest, parse_envelope
+from worker.telemetry import Telemetry, create_telemetry
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +49,48 @@ class Services:
     cache: Cache
     reads: CacheService
     pubsub: PubSub
+    push: PushIngest
+    telemetry: Telemetry
 
     @classmethod
-    def create(cls, settings: Settings) -> Services:
+    def create(cls, settings: Settings, batch: BatchSettings | None = None) -> Services:
         engine = create_engine(settings)
         db = DatabaseService(engine)
         cache = Cache(create_redis(settings))
-        return cls(engine, db, cache, CacheService(cache, db), PubSub(settings))
+        pubsub = PubSub(settings)
+        telemetry = create_telemetry()
+        push = PushIngest(
+            build_handlers(cache),
+            engine,
+            DeadLetterPublisher(pubsub),
+            telemetry,
+            InvalidationPublisher(pubsub),
+            batch,
+        )
+        return cls(engine, db, cache, CacheService(cache, db), pubsub, push, telemetry)
 
     async def close(self) -> None:
         await self.cache.close()
         await self.pubsub.close()
         await self.engine.dispose()
+        self.telemetry.shutdown()
+
+
+def push_verifier(settings: Settings) -> PushVerifier | None:
+    """The OIDC verifier ``PUSH_AUTH`` asks for (None when disabled)."""
+    if settings.push_auth == "disabled":
+        return None
+    if not settings.push_audience:
+        raise ValueError("PUSH_AUTH=required needs PUSH_AUDIENCE (or PUSH_AUTH=disabled)")
+    if not settings.push_service_accounts:
+        raise ValueError("PUSH_AUTH=required needs PUSH_SERVICE_ACCOUNTS")
+    return PushVerifier(settings.push_audience, settings.push_service_accounts)
+
+
+async def _warn_push_auth_disabled() -> None:
+    while True:
+        log.warning("PUSH_AUTH=disabled: push requests are NOT authenticated (emulator only)")
+        await asyncio.sleep(60)
 
 
 def _services(request: Request) -> Services:
@@ -60,16 +98,29 @@ def _services(request: Request) -> Services:
     return services
 
 
-def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
+def create_app(
+    settings: Settings,
+    services: Services | None = None,
+    verifier: PushVerifier | Literal["from-settings"] | None = "from-settings",
+) -> FastAPI:
+    """The app; ``verifier`` defaults to what ``PUSH_AUTH`` asks for (tests inject one)."""
+    push_auth = push_verifier(settings) if verifier == "from-settings" else verifier
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = services is None
-        app.state.services = services or Services.create(settings)
+        app.state.services = current = services or Services.create(settings)
+        warning = None if push_auth else asyncio.create_task(_warn_push_auth_disabled())
+        current.push.start()
         try:
             yield
         finally:
+            if warning:
+                warning.cancel()
+            # Requests in flight were answered (uvicorn waits for them); commit the rest.
+            await current.push.stop()
             if owned:
-                await app.state.services.close()
+                await current.close()
 
     app = FastAPI(
         title="utxoIQ persistence worker",
@@ -94,6 +145,46 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     async def unavailable(request: Request, error: WorkerError) -> JSONResponse:
         log.warning("request failed", extra={"path": request.url.path, "error": str(error)})
         return JSONResponse({"error": "unavailable", "detail": str(error)}, status_code=503)
+
+    @app.post(
+        "/push/{topic}",
+        tags=["push"],
+        status_code=204,
+        responses={
+            400: {"description": "not a push envelope"},
+            401: {"description": "no or invalid token"},
+            403: {"description": "a valid token of another identity"},
+            404: {"description": "no handler for this topic"},
+            413: {"description": "body over 16 MiB"},
+            415: {"description": "not application/json"},
+            503: {"description": "transient failure: Pub/Sub retries"},
+        },
+    )
+    async def push(request: Request, topic: str) -> Response:
+        """A Pub/Sub push (wrapped envelope): 204 once committed or dead-lettered."""
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type != "application/json":
+            return _error(415, "unsupported_media_type", "Content-Type must be application/json")
+        if push_auth is not None:
+            try:
+                await push_auth.verify(request.headers.get("authorization"))
+            except AuthError as error:
+                return _error(401, "unauthorized", str(error))
+            except ForbiddenError as error:
+                return _error(403, "forbidden", str(error))
+        body = await _read_capped(request, MAX_PUSH_BODY_BYTES)
+        if body is None:
+            return _error(413, "too_large", f"body over {MAX_PUSH_BODY_BYTES} bytes")
+        services = _services(request)
+        if not services.push.handles(topic):
+            return _error(404, "not_found", f"no handler for topic {topic!r}")
+        try:
+            delivery = parse_envelope(body)
+        except EnvelopeError as error:
+            return _error(400, "bad_request", str(error))
+        if await services.push.deliver(topic, delivery):
+            return Response(status_code=204)
+        return _error(503, "unavailable", "not committed; retry")
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
@@ -172,6 +263,25 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         return await services.db.get_metrics(service_name, metric_type, start, end)
 
     return app
+
+
+def _error(status: int, error: str, detail: str) -> JSONResponse:
+    return JSONResponse({"error": error, "detail": detail}, status_code=status)
+
+
+async def _read_capped(request: Request, limit: int) -> bytes | None:
+    """The body, or None as soon as it exceeds ``limit`` (whatever Content-Length says)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _json(text: str) -> Response:

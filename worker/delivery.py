@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
+from worker.exceptions import PermanentError
+
 
 class Settler(Protocol):
     """How a source is told the fate of one of its messages (each called once)."""
@@ -30,6 +32,9 @@ class Delivery:
     settler: Settler
     token: object = None
     delivery_attempt: int | None = None
+    # Set by a source that already knows the message can never apply (push data
+    # that is not base64): the pipeline dead-letters it without decoding.
+    error: PermanentError | None = None
     settled: bool = field(default=False)
 
     def ack(self) -> None:

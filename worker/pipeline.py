@@ -105,12 +105,13 @@ class TopicPipeline:
 
     def submit(self, delivery: Delivery) -> None:
         """Decode and validate now; the delivery is settled later by a flush."""
-        entry = _Entry(delivery)
-        try:
-            payload = decode_json_object(delivery.data)
-            entry.item = self.handler.parse(payload, delivery.publish_time)
-        except PermanentError as error:
-            entry.error = error
+        entry = _Entry(delivery, error=delivery.error)
+        if entry.error is None:
+            try:
+                payload = decode_json_object(delivery.data)
+                entry.item = self.handler.parse(payload, delivery.publish_time)
+            except PermanentError as error:
+                entry.error = error
         if not self._pending:
             self._oldest_at = time.monotonic()
             self._wakeup.set()  # a batch has started: its delay clock runs

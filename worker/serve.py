@@ -15,6 +15,7 @@ GRACEFUL_SHUTDOWN_S = 8
 
 
 async def serve(settings: Settings, host: str = "0.0.0.0") -> int:
+    """Serve until SIGTERM; refuses to start with PUSH_AUTH=required and no audience."""
     config = uvicorn.Config(
         create_app(settings),
         host=host,

@@ -1,0 +1,154 @@
+"""The push source: Pub/Sub push requests into the same pipelines as pull.
+
+Each request becomes a ``Delivery`` whose settlement resolves a future: the request
+is answered once its own message is committed or dead-lettered (204), or nacked
+after a transient failure (503, and Pub/Sub retries). Concurrent requests are
+coalesced into the same micro-batches as pulled messages, through the same handlers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from worker.deadletter import DeadLetterPublisher
+from worker.delivery import Delivery
+from worker.exceptions import InvalidEncodingError
+from worker.handler import Handler
+from worker.invalidation import INVALIDATION_TOPIC
+from worker.pipeline import AfterCommit, BatchSettings, TopicPipeline
+from worker.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+MAX_PUSH_BODY_BYTES = 16 * 1024 * 1024
+
+
+class EnvelopeError(ValueError):
+    """The body is not a Pub/Sub push envelope (400)."""
+
+
+class _FutureSettler:
+    def ack(self, delivery: Delivery) -> None:
+        _resolve(delivery, True)
+
+    def nack(self, delivery: Delivery) -> None:
+        _resolve(delivery, False)
+
+
+def _resolve(delivery: Delivery, committed: bool) -> None:
+    future = delivery.token
+    assert isinstance(future, asyncio.Future)
+    if not future.done():
+        future.set_result(committed)
+
+
+_SETTLER = _FutureSettler()
+
+
+def _field(message: dict[str, Any], camel: str, snake: str) -> Any:
+    return message.get(camel, message.get(snake))
+
+
+def _publish_time(value: Any) -> datetime:
+    if not isinstance(value, str):
+        return datetime.now(UTC)
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise EnvelopeError(f"message.publishTime is not RFC 3339: {value!r}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def parse_envelope(body: bytes) -> Delivery:
+    """A push envelope to a Delivery (settled later through its future).
+
+    Data that is not strict base64 is kept as received and marked ``invalid_encoding``:
+    it is the publisher's message, so it is dead-lettered, not refused with 400.
+    """
+    try:
+        envelope = orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        raise EnvelopeError(f"body is not JSON: {error}") from None
+    if not isinstance(envelope, dict) or not isinstance(envelope.get("message"), dict):
+        raise EnvelopeError("body is not a push envelope: 'message' object missing")
+    message: dict[str, Any] = envelope["message"]
+    message_id = _field(message, "messageId", "message_id")
+    if not isinstance(message_id, str) or not message_id:
+        raise EnvelopeError("message.messageId missing")
+    attributes = message.get("attributes") or {}
+    if not isinstance(attributes, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in attributes.items()
+    ):
+        raise EnvelopeError("message.attributes must map strings to strings")
+    raw = message.get("data", "")
+    if not isinstance(raw, str):
+        raise EnvelopeError("message.data must be a base64 string")
+    refused: InvalidEncodingError | None = None
+    try:
+        data = base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError):
+        data, refused = raw.encode("utf-8"), InvalidEncodingError("data: not valid base64")
+    attempt = envelope.get("deliveryAttempt")
+    subscription = envelope.get("subscription")
+    return Delivery(
+        data=data,
+        attributes=dict(attributes),
+        message_id=message_id,
+        publish_time=_publish_time(_field(message, "publishTime", "publish_time")),
+        subscription=subscription if isinstance(subscription, str) else "",
+        settler=_SETTLER,
+        delivery_attempt=attempt if isinstance(attempt, int) else None,
+        error=refused,
+    )
+
+
+class PushIngest:
+    """One pipeline per handled topic, fed by push requests."""
+
+    def __init__(
+        self,
+        handlers: dict[str, Handler[Any]],
+        engine: Any,
+        dead_letters: DeadLetterPublisher,
+        telemetry: Telemetry,
+        after_commit: AfterCommit,
+        settings: BatchSettings | None = None,
+    ) -> None:
+        self.pipelines = {
+            topic: TopicPipeline(
+                handler,
+                engine,
+                dead_letters,
+                telemetry,
+                settings or BatchSettings(),
+                after_commit=None if topic == INVALIDATION_TOPIC else after_commit,
+            )
+            for topic, handler in handlers.items()
+        }
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(p.run()) for p in self.pipelines.values()]
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(p.drain() for p in self.pipelines.values()))
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def handles(self, topic: str) -> bool:
+        return topic in self.pipelines
+
+    async def deliver(self, topic: str, delivery: Delivery) -> bool:
+        """True once committed or dead-lettered; False when nacked (transient)."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        delivery.token = future
+        self.pipelines[topic].submit(delivery)
+        return await future
