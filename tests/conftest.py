@@ -8,6 +8,9 @@ afterwards. A missing PostgreSQL fails the run: it never becomes a skip.
 from __future__ import annotations
 
 import dataclasses
+import os
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 
@@ -18,11 +21,15 @@ from sqlalchemy import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from handlers.service import DatabaseService
+from worker import topology
 from worker.config import Settings
 from worker.db import create_engine
 from worker.migrate import upgrade
+from worker.pubsub import PubSub
 
-TEMPLATE_DATABASE = "utxoiq_test_template"
+# One template per pytest process: two runs on one server must not drop each other's.
+TEMPLATE_PREFIX = "utxoiq_test_template_"
+TEMPLATE_DATABASE = f"{TEMPLATE_PREFIX}{os.getpid()}"
 TEST_DATABASE_PREFIX = "utxoiq_test_"
 
 
@@ -82,11 +89,33 @@ async def postgres_available() -> None:
         await conn.close()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+async def _drop_orphan_templates(conn: asyncpg.Connection) -> None:
+    """Templates left by runs that died before their teardown."""
+    names = await conn.fetch(
+        "SELECT datname FROM pg_database WHERE datname LIKE $1", TEMPLATE_PREFIX + "%"
+    )
+    for record in names:
+        suffix = record["datname"].removeprefix(TEMPLATE_PREFIX)
+        if suffix.isdigit() and not _alive(int(suffix)):
+            await drop_database(conn, record["datname"])
+
+
 @pytest_asyncio.fixture(loop_scope="session", scope="session")
 async def template_database(postgres_available: None) -> AsyncIterator[str]:
-    """Migrate ``utxoiq_test_template`` once; yields its name."""
+    """Migrate this run's template database once; yields its name."""
     conn = await admin_connect()
     try:
+        await _drop_orphan_templates(conn)
         await drop_database(conn, TEMPLATE_DATABASE)
         await conn.execute(f"CREATE DATABASE {quote_ident(TEMPLATE_DATABASE)}")
         settings = dataclasses.replace(base_settings(), database_url=url_for(TEMPLATE_DATABASE))
@@ -102,7 +131,12 @@ async def template_database(postgres_available: None) -> AsyncIterator[str]:
             f"ALTER DATABASE {quote_ident(TEMPLATE_DATABASE)}"
             " IS_TEMPLATE true ALLOW_CONNECTIONS false"
         )
-        yield TEMPLATE_DATABASE
+    finally:
+        await conn.close()
+    yield TEMPLATE_DATABASE
+    # A new connection: a test may have restarted PostgreSQL (tests/integration/test_faults).
+    conn = await admin_connect()
+    try:
         await drop_database(conn, TEMPLATE_DATABASE)
     finally:
         await conn.close()
@@ -117,7 +151,11 @@ async def database_url(template_database: str) -> AsyncIterator[str]:
         await conn.execute(
             f"CREATE DATABASE {quote_ident(name)} TEMPLATE {quote_ident(template_database)}"
         )
-        yield url_for(name)
+    finally:
+        await conn.close()
+    yield url_for(name)
+    conn = await admin_connect()  # a new one: PostgreSQL may have been restarted meanwhile
+    try:
         await conn.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)")
     finally:
         await conn.close()
@@ -140,3 +178,47 @@ async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
 @pytest.fixture
 def db(engine: AsyncEngine) -> DatabaseService:
     return DatabaseService(engine)
+
+
+@pytest.fixture(scope="session")
+def pubsub_emulator() -> str:
+    """The emulator's host:port. Unset or unreachable fails the run: never a skip."""
+    host = os.environ.get("PUBSUB_EMULATOR_HOST")
+    if not host:
+        pytest.fail(
+            "PUBSUB_EMULATOR_HOST is not set: run the tests with `make test`, or start the "
+            "emulator and export PUBSUB_EMULATOR_HOST=host:port",
+            pytrace=False,
+        )
+    try:
+        with urllib.request.urlopen(f"http://{host}/", timeout=10) as response:
+            body = response.read()
+    except (OSError, urllib.error.URLError) as error:
+        pytest.fail(f"the Pub/Sub emulator at {host} is not reachable: {error!r}", pytrace=False)
+    assert body.strip() == b"Ok", f"{host} does not answer like the Pub/Sub emulator: {body!r}"
+    return host
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def pubsub_settings(settings: Settings, pubsub_emulator: str) -> Settings:
+    """``settings`` on a Pub/Sub project of this test's own, its topology applied.
+
+    Every test starts with empty topics and subscriptions.
+    """
+    fresh = dataclasses.replace(
+        settings,
+        google_cloud_project=f"test-{uuid.uuid4().hex[:12]}",
+        pubsub_emulator_host=pubsub_emulator,
+    )
+    await topology.apply(fresh)
+    return fresh
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def pubsub(pubsub_settings: Settings) -> AsyncIterator[PubSub]:
+    """A data-plane client on the test's project."""
+    client = PubSub(pubsub_settings)
+    try:
+        yield client
+    finally:
+        await client.close()
