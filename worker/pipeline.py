@@ -4,8 +4,10 @@ source -> decode/validate -> batch -> handler (one transaction) -> commit ->
 after-commit hook (cache invalidations) -> dead letters -> ack.
 
 A batch is flushed when it holds ``max_batch_size`` deliveries or ``max_batch_bytes``
-of message data (a metrics message may carry 1000 samples), or when its oldest
-delivery has waited ``max_batch_delay_ms``. Up to ``max_concurrent_flushes`` batches
+of message data (a metrics message may carry 1000 samples), when its oldest
+delivery has waited ``max_batch_delay_ms``, or at once when no flush of the topic is
+in flight (group commit: under load batches gather behind the one committing, and a
+lone message never waits for the delay). Up to ``max_concurrent_flushes`` batches
 of a topic are in flight at once, so Python decodes the next batch while PostgreSQL
 commits the last. A delivery is acked only after its batch committed (or after it
 was dead-lettered); a transient failure nacks it and pauses the sources briefly.
@@ -42,6 +44,7 @@ class BatchSettings:
     max_batch_bytes: int = 1024 * 1024
     max_batch_delay_ms: int = 50
     max_concurrent_flushes: int = 3
+    flush_when_idle: bool = True
 
 
 @dataclass
@@ -137,7 +140,10 @@ class TopicPipeline:
                 await self._wakeup.wait()
                 continue
             wait_s = self._oldest_at + delay_s - time.monotonic()
-            if not self._full() and wait_s > 0 and not self._closing:
+            # Group commit: with no flush in flight nothing is gained by waiting, so
+            # flush at once; while one is in flight, the next batch gathers behind it.
+            idle = self.settings.flush_when_idle and not self._flushes
+            if not self._full() and wait_s > 0 and not self._closing and not idle:
                 self._wakeup.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), wait_s)
@@ -165,6 +171,7 @@ class TopicPipeline:
         def done(t: asyncio.Task[None]) -> None:
             self._flushes.discard(t)
             self._slots.release()
+            self._wakeup.set()  # what gathered meanwhile may go now
 
         task.add_done_callback(done)
 

@@ -6,6 +6,8 @@ finish within ``GRACEFUL_SHUTDOWN_S`` (Cloud Run allows 10 s) and exits 0.
 
 from __future__ import annotations
 
+import signal
+
 import uvicorn
 
 from worker.api import create_app
@@ -26,5 +28,11 @@ async def serve(settings: Settings, host: str = "0.0.0.0") -> int:
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
     server = uvicorn.Server(config)
-    await server.serve()
+    # Once shut down, uvicorn raises the signal that stopped it again, for the handler
+    # it found: the default one would kill the process (exit 143, not 0). Take it here.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        await server.serve()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
