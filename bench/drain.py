@@ -31,6 +31,7 @@ from bench.stack import (
 )
 from worker.config import Settings
 from worker.pubsub import PubSub
+from worker.pull import PullSettings
 
 METRICS = 100_000
 FEEDBACK = 20_000
@@ -161,8 +162,10 @@ async def run() -> None:
         # The ceiling: the same backlog, pulled and acked, nothing else.
         await publish_all(pubsub, "metrics", metric_payloads(METRICS, "ceiling"))
         await publish_all(pubsub, "feedback", feedback_payloads(FEEDBACK, "ceiling"))
-        metrics_rate = await raw_pull_ceiling(pubsub, "metrics-worker", METRICS, 3)
-        feedback_rate = await raw_pull_ceiling(pubsub, "feedback-worker", FEEDBACK, 3)
+        # As many concurrent pulls as the worker makes: same client, same concurrency.
+        pullers = PullSettings().pullers
+        metrics_rate = await raw_pull_ceiling(pubsub, "metrics-worker", METRICS, pullers)
+        feedback_rate = await raw_pull_ceiling(pubsub, "feedback-worker", FEEDBACK, pullers)
         total = METRICS + FEEDBACK
         ceiling = total / (METRICS / metrics_rate + FEEDBACK / feedback_rate)
 

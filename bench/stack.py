@@ -27,7 +27,20 @@ def bench_settings(base: Settings) -> Settings:
     """A Pub/Sub project of its own on the emulator: topics start empty every run."""
     if not base.pubsub_emulator_host:
         raise SystemExit("the ingestion benchmarks need PUBSUB_EMULATOR_HOST (run `make bench`)")
-    return dataclasses.replace(base, google_cloud_project=f"bench-{uuid.uuid4().hex[:10]}")
+    settings = dataclasses.replace(base, google_cloud_project=f"bench-{uuid.uuid4().hex[:10]}")
+    PROJECTS.append(settings)
+    return settings
+
+
+PROJECTS: list[Settings] = []
+"""Every Pub/Sub project a scenario made; deleted after the scenario (cleanup)."""
+
+
+async def cleanup() -> None:
+    """Delete the scenarios' topics and subscriptions: the emulator frees their messages,
+    so one scenario's leftovers do not slow the next one down."""
+    while PROJECTS:
+        await topology.delete(PROJECTS.pop())
 
 
 async def fresh_topology(settings: Settings) -> PubSub:

@@ -7,6 +7,7 @@ project; ``utxoiq-worker topology render`` prints it as JSON, which is what
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -175,3 +176,22 @@ async def apply(settings: Settings, push_endpoint: str | None = None) -> dict[st
             counts["subscriptions_updated"] += 1
     log.info("topology applied", extra={"project": project, **counts})
     return counts
+
+
+async def delete(settings: Settings) -> None:
+    """Delete every subscription and topic of the topology in ``settings``' project.
+
+    For throwaway projects (tests, benchmarks on the emulator): an emulator keeps
+    every message of every subscription in memory until the subscription is deleted.
+    """
+    publisher, subscriber = _clients(settings)
+    project = settings.google_cloud_project
+    plan = render()
+    for entry in plan["subscriptions"]:
+        with contextlib.suppress(api_exceptions.NotFound):
+            await subscriber.delete_subscription(
+                subscription=subscription_path(project, entry["name"])
+            )
+    for name in plan["topics"]:
+        with contextlib.suppress(api_exceptions.NotFound):
+            await publisher.delete_topic(topic=topic_path(project, name))
