@@ -12,6 +12,7 @@ import uvicorn
 
 from worker.api import create_app
 from worker.config import Settings
+from worker.runner import tune_garbage_collector
 
 GRACEFUL_SHUTDOWN_S = 8
 
@@ -28,6 +29,7 @@ async def serve(settings: Settings, host: str = "0.0.0.0") -> int:
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
     server = uvicorn.Server(config)
+    tune_garbage_collector()
     # Once shut down, uvicorn raises the signal that stopped it again, for the handler
     # it found: the default one would kill the process (exit 143, not 0). Take it here.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
