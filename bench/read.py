@@ -1,0 +1,386 @@
+"""Scenario ``read``: ``get_feedback_stats`` of an insight with 10k feedback rows.
+
+32 concurrent readers, p50 and p99 per call, cached (warm Redis key) and uncached
+(what a miss costs: the aggregate query in PostgreSQL):
+- in process: asyncio tasks calling ``CacheService.get_feedback_stats`` (cached) and
+  ``DatabaseService.get_feedback_stats`` (uncached), each timed with perf_counter;
+- over HTTP: ``utxoiq-worker serve`` in a subprocess, loaded by ``wrk`` (C, so the
+  client adds no Python of its own) with 32 connections on
+  ``GET /v1/feedback/{insight_id}/stats``. Uncached is a second server whose
+  ``REDIS_URL`` points at a closed port: the cache is unavailable, so every read goes
+  to the database (the designed fallback).
+
+Targets (from the issue): cached p99 <= 2 ms in process, <= 10 ms over HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from bench.common import fresh_database, report
+from handlers.feedback import stats_cache_key
+from handlers.reads import CacheService
+from handlers.service import DatabaseService
+from schemas.feedback import FLAG_TYPES, FeedbackEvent, FeedbackStats
+from worker.cache import Cache, create_redis, version_key
+from worker.config import Settings
+from worker.db import create_engine
+
+SCENARIO = "read"
+ROWS = 10_000
+INSERT_BATCH = 1000
+READERS = 32
+WARMUP_S = 0.5
+IN_PROCESS_S = 3.0
+WRK_DURATION_S = 5
+WRK_WARMUP_S = 1
+WRK_THREADS = 2
+CLOSED_REDIS_URL = "redis://127.0.0.1:1/0"
+
+
+# -- data ------------------------------------------------------------------------------
+
+
+def _events(insight_id: str) -> list[FeedbackEvent]:
+    occurred = datetime(2026, 11, 21, 10, 0, tzinfo=UTC)
+    events = []
+    for i in range(ROWS):
+        flag = FLAG_TYPES[i % len(FLAG_TYPES)] if i % 7 == 0 else None
+        events.append(
+            FeedbackEvent(
+                insight_id=insight_id,
+                user_id=f"user-{i}",
+                rating=i % 5 + 1,
+                comment="useful" if i % 3 == 0 else None,
+                flag_type=flag,
+                flag_reason="bench" if flag else None,
+                occurred_at=occurred,
+            )
+        )
+    return events
+
+
+# -- in process ------------------------------------------------------------------------
+
+
+class _CountingDatabase(DatabaseService):
+    """Counts the stats queries: a cached phase must not make any."""
+
+    queries = 0
+
+    async def get_feedback_stats(self, insight_id: str) -> FeedbackStats:
+        self.queries += 1
+        return await super().get_feedback_stats(insight_id)
+
+
+def _quantiles_ms(latencies_ms: list[float]) -> tuple[float, float]:
+    cuts = statistics.quantiles(latencies_ms, n=100)
+    return cuts[49], cuts[98]
+
+
+async def _hammer(call: Callable[[], Awaitable[object]], duration_s: float) -> list[float]:
+    """READERS tasks calling ``call`` back to back for ``duration_s``; latencies in ms."""
+    latencies: list[float] = []
+    deadline = time.perf_counter() + duration_s
+
+    async def reader() -> None:
+        while True:
+            started = time.perf_counter()
+            if started >= deadline:
+                return
+            await call()
+            latencies.append((time.perf_counter() - started) * 1000)
+
+    await asyncio.gather(*(reader() for _ in range(READERS)))
+    return latencies
+
+
+async def _measure(call: Callable[[], Awaitable[object]]) -> tuple[float, float, float]:
+    """(p50 ms, p99 ms, calls/s) after a discarded warm-up (pools filled, code hot)."""
+    await _hammer(call, WARMUP_S)
+    started = time.perf_counter()
+    latencies = await _hammer(call, IN_PROCESS_S)
+    rate = len(latencies) / (time.perf_counter() - started)
+    p50, p99 = _quantiles_ms(latencies)
+    return p50, p99, rate
+
+
+# -- over HTTP -------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _http_get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+@dataclass
+class _Server:
+    process: asyncio.subprocess.Process
+    port: int
+    log: deque[str]
+    drain: asyncio.Task[None]
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def tail(self) -> str:
+        return "".join(self.log)
+
+
+async def _start_server(settings: Settings, redis_url: str) -> _Server:
+    """``python -m worker serve`` on a free port; returns once /healthz answers 200."""
+    port = _free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": settings.database_url,
+        "REDIS_URL": redis_url,
+        "PORT": str(port),
+        "LOG_LEVEL": "WARNING",
+    }
+    # Push auth stays on (the production default); nothing is pushed here.
+    env.setdefault("PUSH_AUDIENCE", "https://bench.invalid/push")
+    env.setdefault("PUSH_SERVICE_ACCOUNTS", "bench@bench.invalid")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    log: deque[str] = deque(maxlen=40)
+
+    async def drain() -> None:
+        assert process.stderr is not None
+        async for line in process.stderr:
+            log.append(line.decode("utf-8", "replace"))
+
+    server = _Server(process, port, log, asyncio.create_task(drain()))
+    healthy = False
+    try:
+        deadline = time.monotonic() + 60
+        while not healthy and process.returncode is None and time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                status, _ = await asyncio.to_thread(_http_get, f"{server.base}/healthz")
+                healthy = status == 200
+            if not healthy:
+                await asyncio.sleep(0.1)
+    finally:
+        if not healthy:
+            await _stop_server(server)
+    if not healthy:
+        raise RuntimeError(f"`worker serve` did not become healthy; its log:\n{server.tail()}")
+    return server
+
+
+async def _stop_server(server: _Server) -> None:
+    process = server.process
+    if process.returncode is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), timeout=15)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+    with contextlib.suppress(asyncio.CancelledError):
+        await server.drain
+
+
+async def _ensure_wrk() -> str:
+    found = shutil.which("wrk")
+    if found:
+        return found
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for commands in (
+        [["apt-get", "install", "-y", "-q", "wrk"]],
+        [["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "wrk"]],
+    ):
+        for command in commands:
+            process = await asyncio.create_subprocess_exec(
+                *command,
+                env=env,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            _, err = await process.communicate()
+            if process.returncode != 0:
+                sys.stderr.write(err.decode("utf-8", "replace")[-2000:])
+                break
+        found = shutil.which("wrk")
+        if found:
+            return found
+    raise SystemExit(
+        "scenario `read` needs wrk (the HTTP load generator) and `apt-get install -y wrk` "
+        "failed; install it by hand and run again"
+    )
+
+
+_UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+_LATENCY_LINE = re.compile(r"^\s*(50|99)(?:\.0+)?%\s+([\d.]+)(us|ms|s|m|h)\s*$", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    p50_ms: float
+    p99_ms: float
+    requests_per_s: float
+
+
+def parse_wrk(output: str) -> WrkResult:
+    """p50, p99 (in ms) and requests/s from ``wrk --latency`` output."""
+    marker = output.find("Latency Distribution")
+    if marker < 0:
+        raise RuntimeError(f"no latency distribution in wrk's output:\n{output}")
+    found = {
+        m.group(1): float(m.group(2)) * _UNIT_MS[m.group(3)]
+        for m in _LATENCY_LINE.finditer(output[marker:])
+    }
+    rate = re.search(r"^Requests/sec:\s+([\d.]+)\s*$", output, re.MULTILINE)
+    if "50" not in found or "99" not in found or rate is None:
+        raise RuntimeError(f"could not parse wrk's output:\n{output}")
+    for problem in ("Non-2xx or 3xx responses", "Socket errors"):
+        if problem in output:
+            raise RuntimeError(f"wrk reports {problem.lower()}:\n{output}")
+    return WrkResult(found["50"], found["99"], float(rate.group(1)))
+
+
+async def _wrk(wrk: str, url: str, duration_s: int) -> WrkResult:
+    process = await asyncio.create_subprocess_exec(
+        wrk,
+        f"-t{WRK_THREADS}",
+        f"-c{READERS}",
+        f"-d{duration_s}s",
+        "--latency",
+        url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), timeout=duration_s + 60)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    if process.returncode != 0:
+        raise RuntimeError(f"wrk failed ({process.returncode}): {err.decode(errors='replace')}")
+    return parse_wrk(out.decode("utf-8", "replace"))
+
+
+async def _http_phase(
+    settings: Settings, cached: bool, insight_id: str, expected_ratings: int, wrk: str
+) -> WrkResult:
+    redis_url = settings.redis_url if cached else CLOSED_REDIS_URL
+    server = await _start_server(settings, redis_url)
+    try:
+        url = f"{server.base}/v1/feedback/{insight_id}/stats"
+        # One read to check the answer (and, on the cached server, that the key is warm).
+        status, body = await asyncio.to_thread(_http_get, url)
+        if status != 200 or json.loads(body)["total_ratings"] != expected_ratings:
+            raise RuntimeError(f"unexpected answer {status} {body!r}; log:\n{server.tail()}")
+        await _wrk(wrk, url, WRK_WARMUP_S)  # connections, pools, code paths; discarded
+        result = await _wrk(wrk, url, WRK_DURATION_S)
+    finally:
+        await _stop_server(server)
+    # The cache logs each time it gives up on Redis (at most once a second): the
+    # cached figures must be hits only, the uncached ones database reads only.
+    bypassed = any("redis unavailable" in line for line in server.log)
+    if cached and bypassed:
+        raise RuntimeError(f"the cached server read through to the database:\n{server.tail()}")
+    if not cached and not bypassed:
+        raise RuntimeError(f"the uncached server never found Redis down:\n{server.tail()}")
+    return result
+
+
+# -- the scenario ----------------------------------------------------------------------
+
+
+async def run() -> None:
+    wrk = await _ensure_wrk()
+    settings = await fresh_database("utxoiq_bench_read")
+    # Redis outlives the database: a key of its own per run, removed at the end.
+    insight_id = f"bench-read-{uuid.uuid4().hex[:10]}"
+    key = stats_cache_key(insight_id)
+    engine = create_engine(settings)
+    db = _CountingDatabase(engine)
+    cache = Cache(create_redis(settings))
+    reads = CacheService(cache, db)
+    try:
+        events = _events(insight_id)
+        for i in range(0, ROWS, INSERT_BATCH):
+            outcome = await db.apply_feedback_events(events[i : i + INSERT_BATCH])
+            if outcome.failures:
+                raise RuntimeError(f"feedback insert failed: {outcome.failures}")
+        expected = await db.get_feedback_stats(insight_id)
+        if expected.total_ratings != ROWS:
+            raise RuntimeError(f"expected {ROWS} ratings, the database has {expected}")
+
+        # Warm the key with a guarded fill (as a first reader would), then check it holds.
+        if await reads.get_feedback_stats(insight_id) != expected or await cache.get(key) is None:
+            raise RuntimeError("the cache was not filled (is Redis up?)")
+
+        async def cached() -> object:
+            return await reads.get_feedback_stats(insight_id)
+
+        async def uncached() -> object:
+            return await db.get_feedback_stats(insight_id)
+
+        queries = db.queries
+        c50, c99, c_rate = await _measure(cached)
+        if db.queries != queries or await cache.get(key) is None:
+            raise RuntimeError(
+                f"{db.queries - queries} cached reads went to the database (Redis down, "
+                "paused or flushed by another process?); run again"
+            )
+        u50, u99, _ = await _measure(uncached)
+
+        cached_http = await _http_phase(settings, True, insight_id, expected.total_ratings, wrk)
+        uncached_http = await _http_phase(settings, False, insight_id, expected.total_ratings, wrk)
+    finally:
+        with contextlib.suppress(Exception):
+            await cache.redis.delete(key, version_key(key))
+        await cache.close()
+        await engine.dispose()
+
+    report(SCENARIO, "cached_in_process_p50_ms", c50)
+    report(SCENARIO, "cached_in_process_p99_ms", c99, "uncached_in_process_p99", u99)
+    report(SCENARIO, "cached_in_process_reads_per_s", c_rate)
+    report(SCENARIO, "uncached_in_process_p50_ms", u50)
+    report(SCENARIO, "uncached_in_process_p99_ms", u99)
+    report(SCENARIO, "cached_http_p50_ms", cached_http.p50_ms)
+    http_p99 = cached_http.p99_ms
+    report(SCENARIO, "cached_http_p99_ms", http_p99, "uncached_http_p99", uncached_http.p99_ms)
+    report(SCENARIO, "cached_http_req_per_s", cached_http.requests_per_s)
+    report(SCENARIO, "uncached_http_p50_ms", uncached_http.p50_ms)
+    report(SCENARIO, "uncached_http_p99_ms", uncached_http.p99_ms)
+    report(SCENARIO, "uncached_http_req_per_s", uncached_http.requests_per_s)
