@@ -53,12 +53,17 @@ class Services:
     telemetry: Telemetry
 
     @classmethod
-    def create(cls, settings: Settings, batch: BatchSettings | None = None) -> Services:
+    def create(
+        cls,
+        settings: Settings,
+        batch: BatchSettings | None = None,
+        telemetry: Telemetry | None = None,
+    ) -> Services:
         engine = create_engine(settings)
         db = DatabaseService(engine)
         cache = Cache(create_redis(settings))
         pubsub = PubSub(settings)
-        telemetry = create_telemetry()
+        telemetry = telemetry or create_telemetry()
         push = PushIngest(
             build_handlers(cache),
             engine,

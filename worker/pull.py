@@ -39,7 +39,7 @@ MAX_PULL_MESSAGES = 1000
 class PullSettings:
     pullers: int = 8
     max_outstanding_messages: int = 10_000
-    max_outstanding_bytes: int = 100 * 1024 * 1024
+    max_outstanding_bytes: int = 32 * 1024 * 1024
     pull_timeout_s: float = 2.0
     ack_deadline_s: int = 60
     lease_extend_every_s: float = 15.0

@@ -23,19 +23,10 @@ from opentelemetry.sdk.metrics.export import (
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from handlers import build_handlers
-from handlers.reads import CacheService
-from handlers.service import DatabaseService
 from worker.api import Services, create_app
-from worker.cache import Cache, create_redis
 from worker.config import Settings
-from worker.db import create_engine
-from worker.deadletter import DeadLetterPublisher
-from worker.invalidation import InvalidationPublisher
 from worker.oidc import PushVerifier
 from worker.pipeline import BatchSettings
-from worker.pubsub import PubSub
-from worker.push import PushIngest
 from worker.telemetry import create_telemetry
 
 TABLES = ("system_metrics", "insight_feedback", "backfill_jobs")
@@ -76,21 +67,7 @@ class PushServices:
     def __init__(self, settings: Settings, batch: BatchSettings | None = None) -> None:
         self.reader = InMemoryMetricReader()
         telemetry = create_telemetry(extra_readers=[self.reader])
-        engine = create_engine(settings)
-        db = DatabaseService(engine)
-        cache = Cache(create_redis(settings))
-        pubsub = PubSub(settings)
-        push = PushIngest(
-            build_handlers(cache),
-            engine,
-            DeadLetterPublisher(pubsub),
-            telemetry,
-            InvalidationPublisher(pubsub),
-            batch,
-        )
-        self.services = Services(
-            engine, db, cache, CacheService(cache, db), pubsub, push, telemetry
-        )
+        self.services = Services.create(settings, batch, telemetry)
 
     def batches(self, topic: str) -> int:
         """How many batches of ``topic`` were applied (``worker.batch.size`` count)."""
