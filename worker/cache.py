@@ -60,13 +60,18 @@ def version_key(key: str) -> str:
 
 
 def create_redis(settings: Settings) -> aioredis.Redis:
-    return aioredis.Redis.from_url(
+    # A blocking pool: more concurrent readers than connections wait briefly for one,
+    # instead of failing with "Too many connections" (which would open the breaker
+    # and send every read to PostgreSQL exactly when the load is highest).
+    pool = aioredis.BlockingConnectionPool.from_url(
         settings.redis_url,
         max_connections=settings.redis_max_connections,
+        timeout=0.5,
         socket_timeout=0.5,
         socket_connect_timeout=0.5,
         decode_responses=True,
     )
+    return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
 
 
 class Cache:
