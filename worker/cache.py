@@ -21,6 +21,7 @@ Redis for a second after a failure (``breaker_s``). Only ``invalidate`` raises
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -28,7 +29,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from redis import asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import MaxConnectionsError, RedisError
 
 from worker.config import Settings
 from worker.exceptions import WorkerError
@@ -36,6 +37,8 @@ from worker.exceptions import WorkerError
 log = logging.getLogger(__name__)
 
 VERSION_PREFIX = "cache-version:"
+POOL_WAIT_S = 0.005
+POOL_WAIT_TRIES = 100
 # Longer than any value's TTL, so a token outlives every fill it guards.
 VERSION_TTL_S = 24 * 3600
 
@@ -60,18 +63,13 @@ def version_key(key: str) -> str:
 
 
 def create_redis(settings: Settings) -> aioredis.Redis:
-    # A blocking pool: more concurrent readers than connections wait briefly for one,
-    # instead of failing with "Too many connections" (which would open the breaker
-    # and send every read to PostgreSQL exactly when the load is highest).
-    pool = aioredis.BlockingConnectionPool.from_url(
+    return aioredis.Redis.from_url(
         settings.redis_url,
         max_connections=settings.redis_max_connections,
-        timeout=0.5,
         socket_timeout=0.5,
         socket_connect_timeout=0.5,
         decode_responses=True,
     )
-    return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
 
 
 class Cache:
@@ -85,6 +83,8 @@ class Cache:
         return time.monotonic() >= self._down_until
 
     def _failed(self, operation: str, error: Exception) -> None:
+        if isinstance(error, MaxConnectionsError):
+            return  # a busy pool, not a Redis failure: keep the cache in use
         if self._available():
             log.warning(
                 "redis unavailable, reading through",
@@ -101,10 +101,18 @@ class Cache:
         """(value, version token); the token is False when Redis could not be asked."""
         if not self._available():
             return None, False
-        try:
-            value, token = await self.redis.mget([key, version_key(key)])
-        except (RedisError, OSError) as error:
-            self._failed("get", error)
+        for _ in range(POOL_WAIT_TRIES):
+            try:
+                value, token = await self.redis.mget([key, version_key(key)])
+                break
+            except MaxConnectionsError:
+                # Every pooled connection is busy: Redis is fine, wait for one rather
+                # than open the breaker and send the heaviest load to PostgreSQL.
+                await asyncio.sleep(POOL_WAIT_S)
+            except (RedisError, OSError) as error:
+                self._failed("get", error)
+                return None, False
+        else:
             return None, False
         # decode_responses=True: Redis answers str (typed as bytes | str).
         return (None if value is None else str(value)), (None if token is None else str(token))
