@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
-from collections.abc import Coroutine
-from typing import Any
 
 from bench import drain, ingest, invalidation, push, read, stack, store
+from worker.cli import run_async
 
 SCENARIOS = {
     "store": store.run,
@@ -28,18 +26,9 @@ def main(argv: list[str]) -> int:
         print(f"unknown scenario(s) {unknown}; known: {sorted(SCENARIOS)}", file=sys.stderr)
         return 2
     for name in names:
-        # The same event loop as the worker's commands (worker.cli.run_async).
+        # The same event loop as the worker's commands.
         run_async(_run(name))
     return 0
-
-
-def run_async(coroutine: Coroutine[Any, Any, None]) -> None:
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(coroutine)
-    else:
-        uvloop.run(coroutine)
 
 
 async def _run(name: str) -> None:

@@ -26,7 +26,7 @@ from bench.stack import (
     peak_rss_mb,
     publish_all,
     start_worker,
-    stop_worker,
+    stop_process,
     wait_for_rows,
 )
 from worker.config import Settings
@@ -179,7 +179,7 @@ async def run() -> None:
                 wait_for_rows(settings, "SELECT count(*) FROM insight_feedback", FEEDBACK),
             )
         finally:
-            stop_worker(worker)
+            stop_process(worker)
         drain_rate = total / (max(metrics_done, feedback_done) - started)
 
         await publish_all(pubsub, "feedback", feedback_payloads(NAIVE, "naive"))
@@ -201,7 +201,7 @@ async def run_rss() -> None:
             await wait_for_rows(settings, "SELECT count(*) FROM system_metrics", RSS_BACKLOG)
             rss = peak_rss_mb(worker.pid)
         finally:
-            stop_worker(worker)
+            stop_process(worker)
         report("rss", "peak_rss_mb", rss)
     finally:
         await pubsub.close()

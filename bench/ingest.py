@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 
 from bench.common import asyncpg_dsn, fresh_database, report
-from bench.stack import bench_settings, fresh_topology, start_worker, stop_worker, wait_for_rows
+from bench.stack import bench_settings, fresh_topology, start_worker, stop_process, wait_for_rows
 from worker.pubsub import PubSub, PubsubMessage
 
 MESSAGES = 2000
@@ -98,7 +98,7 @@ async def run_batched() -> None:
         try:
             await wait_for_rows(settings, "SELECT count(*) FROM system_metric_ids", rows)
         finally:
-            stop_worker(worker)
+            stop_process(worker)
         write_rate = rows / (time.perf_counter() - started)
         report("batched", "rows_per_s", write_rate, "copy_records_to_table", copy_rate)
     finally:
@@ -159,7 +159,7 @@ async def run_latency() -> None:
     try:
         await asyncio.gather(_offer(pubsub, sent), _watch(asyncpg_dsn(settings), sent, seen, total))
     finally:
-        stop_worker(worker)
+        stop_process(worker)
         await pubsub.close()
     if len(seen) < total:
         raise RuntimeError(f"only {len(seen)} of {total} messages were committed")

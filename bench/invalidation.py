@@ -41,7 +41,7 @@ from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 
 from bench.common import asyncpg_dsn, fresh_database, report
-from bench.stack import bench_settings, fresh_topology, start_worker, stop_worker
+from bench.stack import bench_settings, fresh_topology, start_worker, stop_process
 from handlers.feedback import stats_cache_key
 from handlers.reads import CacheService
 from handlers.service import DatabaseService
@@ -368,7 +368,7 @@ async def run() -> None:
                 _watch_keys(watcher_redis, progress),
             )
         finally:
-            stop_worker(worker)
+            stop_process(worker)
         if await _redis_run_id(watcher_redis) != run_id:
             raise RuntimeError(
                 "Redis restarted during the run (another process?): the filled keys were "

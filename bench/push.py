@@ -20,7 +20,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -36,7 +35,7 @@ from pathlib import Path
 import asyncpg
 
 from bench.common import asyncpg_dsn, fresh_database, report
-from bench.stack import bench_settings, fresh_topology
+from bench.stack import bench_settings, fresh_topology, stop_process
 from worker.config import Settings
 
 DURATION_S = 20
@@ -249,16 +248,6 @@ def _start(module: str, settings: Settings, port: int, *args: str) -> subprocess
     raise RuntimeError(f"{module} did not answer /healthz within 60 s")
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 async def _rows(settings: Settings) -> int:
     conn = await asyncpg.connect(asyncpg_dsn(settings))
     try:
@@ -287,7 +276,7 @@ async def _measure(module: str, settings: Settings, *args: str) -> Load:
             before = await _rows(settings)
             load = await asyncio.to_thread(_httpx, url, settings.google_cloud_project, DURATION_S)
     finally:
-        await asyncio.to_thread(_stop, process)
+        await asyncio.to_thread(stop_process, process)
     stored = await _rows(settings) - before
     if load.failed or stored < load.ok:
         print(

@@ -96,7 +96,8 @@ def start_worker(settings: Settings, *args: str) -> subprocess.Popen[bytes]:
     return process
 
 
-def stop_worker(process: subprocess.Popen[bytes]) -> None:
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM a worker or server process; kill it if it is not gone in 15 s."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:

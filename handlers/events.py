@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -14,13 +13,6 @@ from pydantic import ValidationError as PydanticValidationError
 from worker.exceptions import SchemaViolationError
 
 M = TypeVar("M", bound=BaseModel)
-
-
-def canonical_json(value: Any) -> bytes:
-    """Sorted keys, no spaces, UTF-8: equal values give equal bytes."""
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
 
 
 def event_key(event: BaseModel) -> bytes:

@@ -16,11 +16,12 @@ from typing import Any, Literal
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from handlers import backfill, feedback, metrics
+from handlers.events import M, validate
 from schemas.backfill import BackfillJobResponse, BackfillProgressEvent, BackfillStatus
 from schemas.feedback import FeedbackEvent, FeedbackRecord, FeedbackStats
 from schemas.metrics import MetricAggregate, MetricPoint, MetricRecord, MetricSample
-from worker.db import connection, transaction
-from worker.exceptions import NotFoundError, PermanentError, ValidationError
+from worker.db import connection
+from worker.exceptions import NotFoundError, SchemaViolationError, ValidationError
 from worker.handler import BatchOutcome
 
 
@@ -34,16 +35,12 @@ def _raise_first(outcome: BatchOutcome) -> BatchOutcome:
     return outcome
 
 
-def _validated(model: Any, values: dict[str, Any]) -> Any:
-    """Build a payload model, turning a schema violation into ``ValidationError``."""
-    from pydantic import ValidationError as PydanticValidationError
-
+def _validated(model: type[M], values: dict[str, Any]) -> M:
+    """``handlers.events.validate``, with the service's ``ValidationError``."""
     try:
-        return model.model_validate(values)
-    except PydanticValidationError as error:
-        first = error.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "payload"
-        raise ValidationError(f"{field}: {first['msg']}") from None
+        return validate(model, values)
+    except SchemaViolationError as error:
+        raise ValidationError(error.detail) from None
 
 
 class DatabaseService:
@@ -51,13 +48,16 @@ class DatabaseService:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
-        self.partitions = metrics.MetricPartitions()
+        # The writes are the worker's own: the same handlers, the same statements.
+        self._backfill = backfill.BackfillHandler()
+        self._feedback = feedback.FeedbackHandler()
+        self._metrics = metrics.MetricsHandler()
+        self.partitions = self._metrics.partitions
 
     # -- backfill jobs ---------------------------------------------------------------
 
     async def apply_backfill_events(self, events: Sequence[BackfillProgressEvent]) -> BatchOutcome:
-        async with transaction(self.engine) as conn:
-            return await backfill.write(conn, events)
+        return await self._backfill.apply(self.engine, events)
 
     async def create_backfill_job(
         self,
@@ -144,8 +144,7 @@ class DatabaseService:
     # -- feedback --------------------------------------------------------------------
 
     async def apply_feedback_events(self, events: Sequence[FeedbackEvent]) -> BatchOutcome:
-        async with transaction(self.engine) as conn:
-            return await feedback.write(conn, events)
+        return await self._feedback.apply(self.engine, events)
 
     async def create_feedback(self, event: FeedbackEvent) -> FeedbackRecord:
         """Upsert one feedback event; returns the row as stored (which may be newer)."""
@@ -177,9 +176,7 @@ class DatabaseService:
     async def apply_metric_messages(
         self, messages: Sequence[metrics.MetricsMessage]
     ) -> BatchOutcome:
-        await self.partitions.ensure(self.engine, metrics.timestamps(messages))
-        async with transaction(self.engine) as conn:
-            return await metrics.write(conn, messages, self.partitions)
+        return await self._metrics.apply(self.engine, messages)
 
     async def record_metric(self, sample: MetricSample) -> uuid.UUID:
         """Store one sample (once, however often called); returns its identity."""
@@ -234,6 +231,3 @@ class DatabaseService:
                 start=start,
                 end=end,
             )
-
-
-__all__ = ["DatabaseService", "PermanentError"]

@@ -18,19 +18,22 @@ MAX_METADATA_BYTES = 4096
 MAX_FUTURE = timedelta(hours=24)
 
 
-_limit: list[float | datetime] = [float("-inf"), datetime.min.replace(tzinfo=UTC)]
+class _FutureLimit:
+    """now + 24 h, read from the clock at most every 100 ms: a batch message holds up
+    to 1000 samples, and reading the clock for each costs more than validating them."""
+
+    def __init__(self) -> None:
+        self._checked_at = float("-inf")
+        self._limit = datetime.min.replace(tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        now_s = time.monotonic()
+        if now_s - self._checked_at >= 0.1:
+            self._checked_at, self._limit = now_s, datetime.now(UTC) + MAX_FUTURE
+        return self._limit
 
 
-def _future_limit() -> datetime:
-    """now + 24 h, recomputed at most every 100 ms: a batch message holds up to 1000
-    samples, and reading the clock for each costs more than validating them."""
-    now_s = time.monotonic()
-    checked_at, limit = _limit
-    if now_s - float(checked_at) >= 0.1:  # type: ignore[arg-type]
-        limit = datetime.now(UTC) + MAX_FUTURE
-        _limit[:] = [now_s, limit]
-    assert isinstance(limit, datetime)
-    return limit
+_future_limit = _FutureLimit()
 
 
 class JsonObject(dict[str, Any]):

@@ -189,6 +189,17 @@ async def wait_for(
         await asyncio.sleep(interval_s)
 
 
+def json_log_entries(lines: Sequence[str]) -> list[dict[str, Any]]:
+    """Every stderr line that is a JSON object (all of the worker's own lines are)."""
+    entries = []
+    for line in lines:
+        if line.startswith("{"):
+            entry = json.loads(line)
+            assert isinstance(entry, dict)
+            entries.append(entry)
+    return entries
+
+
 async def scalar(engine: AsyncEngine, sql: str, **params: Any) -> Any:
     async with engine.connect() as conn:
         return (await conn.execute(text(sql), params)).scalar_one()

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Coroutine, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from worker import logs
 from worker.config import Settings
@@ -18,6 +18,7 @@ from worker.pull import PullSettings
 from worker.topology import RUN_TOPICS
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -147,7 +148,8 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     raise AssertionError(f"unknown command {args.command}")
 
 
-def run_async(coroutine: Coroutine[Any, Any, int]) -> int:
+def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run ``coroutine`` on uvloop when installed, plain asyncio otherwise."""
     try:
         import uvloop
     except ImportError:

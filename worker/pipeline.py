@@ -55,7 +55,7 @@ class _Entry:
 
 
 class Backoff:
-    """Shared pause after transient failures, so sources stop hammering a dead database."""
+    """A pipeline's pause after transient failures: its source stops hammering a dead database."""
 
     def __init__(self, initial_s: float = 0.25, maximum_s: float = 10.0) -> None:
         self.initial_s = initial_s

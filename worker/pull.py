@@ -174,7 +174,7 @@ class PullSource:
             for received_message in received:
                 message = received_message.message
                 ack_id = received_message.ack_id
-                size = message.ByteSize()
+                size = len(message.data)  # what flow control bounds: the payload bytes
                 self._outstanding[ack_id] = (now, size)
                 self._outstanding_bytes += size
                 self.pipeline.submit(

@@ -21,7 +21,6 @@ from worker.deadletter import DeadLetterPublisher
 from worker.delivery import Delivery
 from worker.exceptions import InvalidEncodingError
 from worker.handler import Handler
-from worker.invalidation import INVALIDATION_TOPIC
 from worker.pipeline import AfterCommit, BatchSettings, TopicPipeline
 from worker.telemetry import Telemetry
 
@@ -128,7 +127,7 @@ class PushIngest:
                 dead_letters,
                 telemetry,
                 settings or BatchSettings(),
-                after_commit=None if topic == INVALIDATION_TOPIC else after_commit,
+                after_commit=after_commit,
             )
             for topic, handler in handlers.items()
         }

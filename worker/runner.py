@@ -66,7 +66,8 @@ class Worker:
                 dead_letters,
                 self.telemetry,
                 options.batch,
-                after_commit=None if topic == INVALIDATION_TOPIC else publish_invalidations,
+                # The updater's batches name no cache keys: it never publishes any.
+                after_commit=publish_invalidations,
             )
             for topic in options.topics
         ]

@@ -22,7 +22,14 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.emulator import drain_dead_letters, publish, scalar, wait_for, wait_for_count
+from tests.emulator import (
+    drain_dead_letters,
+    json_log_entries,
+    publish,
+    scalar,
+    wait_for,
+    wait_for_count,
+)
 from tests.factories import T0, at, backfill_payload, feedback_payload, metric_payload
 from worker import topology
 from worker.config import Settings
@@ -177,17 +184,6 @@ def test_topology_render_is_the_committed_deploy_file() -> None:
 # -- run ----------------------------------------------------------------------------------
 
 
-def log_entries(worker: WorkerProcess) -> list[dict[str, Any]]:
-    """Every stderr line that is a JSON object (all of the worker's own lines are)."""
-    entries = []
-    for line in worker.lines:
-        if line.startswith("{"):
-            entry = json.loads(line)
-            assert isinstance(entry, dict)
-            entries.append(entry)
-    return entries
-
-
 async def test_sigterm_drains_and_a_second_run_finishes_exactly_once(
     pubsub_settings: Settings, pubsub: PubSub, engine: AsyncEngine
 ) -> None:
@@ -223,7 +219,7 @@ async def test_sigterm_drains_and_a_second_run_finishes_exactly_once(
     assert stopped_in_s < 10
     assert at_signal < count, "the worker was done before SIGTERM: nothing was drained"
 
-    entries = log_entries(first)
+    entries = json_log_entries(first.lines)
     assert entries, first.log()
     assert all({"severity", "message"} <= set(e) for e in entries), first.log()
     messages = {(e["severity"], e["message"]) for e in entries}

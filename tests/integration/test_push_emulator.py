@@ -20,12 +20,17 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.emulator import drain_dead_letters, publish, scalar, wait_for_count
+from tests.emulator import (
+    drain_dead_letters,
+    json_log_entries,
+    publish,
+    scalar,
+    wait_for_count,
+)
 from tests.factories import backfill_payload, feedback_payload, metric_payload
 from worker import topology
 from worker.config import Settings
@@ -117,16 +122,6 @@ async def serve(env: Mapping[str, str], port: int) -> AsyncIterator[ServerProces
             await asyncio.wait_for(server._reader, 5)
 
 
-def log_entries(server: ServerProcess) -> list[dict[str, Any]]:
-    entries = []
-    for line in server.lines:
-        if line.startswith("{"):
-            entry = json.loads(line)
-            assert isinstance(entry, dict)
-            entries.append(entry)
-    return entries
-
-
 async def test_emulator_push_subscriptions_deliver_to_serve(
     settings: Settings, pubsub_emulator: str, engine: AsyncEngine
 ) -> None:
@@ -178,7 +173,7 @@ async def test_emulator_push_subscriptions_deliver_to_serve(
         code = await server.wait(SHUTDOWN_BUDGET_S)
         assert code == 0, server.log()
         assert time.monotonic() - started < SHUTDOWN_BUDGET_S
-    entries = log_entries(server)
+    entries = json_log_entries(server.lines)
     assert any("PUSH_AUTH=disabled" in e["message"] for e in entries), server.log()
     assert not [e for e in entries if e["severity"] in ("ERROR", "CRITICAL")], server.log()
 
