@@ -124,7 +124,16 @@ async def driver_connection(conn: AsyncConnection) -> Any:
     statement, one round trip, no per-row work in SQLAlchemy.
     """
     raw = await conn.get_raw_connection()
-    return raw.driver_connection
+    driver = raw.driver_connection
+    if driver is None:  # invalidated under us (a dropped connection)
+        raise exc.ConnectionError("database connection lost")
+    if not driver.is_in_transaction():
+        # SQLAlchemy's asyncpg adapter sends BEGIN lazily, with its own first
+        # statement: a batch that talks only to asyncpg would otherwise run in
+        # autocommit, one statement at a time. A statement through SQLAlchemy
+        # opens the transaction that engine.begin() commits or rolls back.
+        await conn.exec_driver_sql("SELECT 1")
+    return driver
 
 
 async def create_database_if_missing(database_url: str) -> bool:
