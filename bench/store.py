@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import registry
 
 from bench.common import asyncpg_dsn, fresh_database, median_rate, report
-from handlers.metrics import MetricsMessage, sample_identity
+from handlers.metrics import MetricsMessage, create_partitions, sample_identity
 from handlers.service import DatabaseService
 from handlers.tables import insight_feedback
 from schemas.feedback import FeedbackEvent
@@ -120,7 +120,7 @@ async def run() -> None:
             for message in messages:
                 await db.apply_metric_messages([message])
 
-        await db.partitions.ensure(engine, [s.timestamp for s in samples if s.timestamp])
+        await create_partitions(engine, [s.timestamp for s in samples if s.timestamp])
         copy_rate = await median_rate(ROUNDS, len(records), truncate_metrics, copy)
         write_rate = await median_rate(ROUNDS, len(records), truncate_metrics, batch_write)
         report("store", "metrics_rows_per_s", write_rate, "copy_records_to_table", copy_rate)

@@ -101,21 +101,23 @@ def _rows(messages: Iterable[MetricsMessage]) -> list[_Row]:
     """
     # Keyed by the identity's integer: a plain attribute, where hashing a UUID or
     # reading its bytes runs Python code; integers sort in the same order as bytes.
+    # setdefault keeps the first of duplicates inside the batch.
     rows: dict[int, _Row] = {}
     for message in messages:
+        published_at = message.published_at
         for s in message.samples:
-            identity = sample_identity(s)
-            key = identity.int
-            if key in rows:
-                continue  # a duplicate inside the batch: the first one stands
-            rows[key] = (
-                identity,
-                s.service_name,
-                s.metric_type,
-                s.metric_value,
-                s.unit,
-                s.timestamp or message.published_at,
-                _metadata_text(s),
+            identity = s.event_id or sample_identity(s)
+            rows.setdefault(
+                identity.int,
+                (
+                    identity,
+                    s.service_name,
+                    s.metric_type,
+                    s.metric_value,
+                    s.unit,
+                    s.timestamp or published_at,
+                    None if s.metadata is None else _metadata_text(s),
+                ),
             )
     return [rows[key] for key in sorted(rows)]
 
@@ -125,50 +127,36 @@ def _month(moment: datetime) -> tuple[int, int]:
     return (utc_moment.year, utc_moment.month)
 
 
-class MetricPartitions:
-    """Creates missing month partitions before a write needs them.
+class MissingPartitionError(QueryError):
+    """A sample's month has no partition yet (old data, far data, or retention dropped
+    it). Transient: the partition is created and the batch written again."""
 
-    Known months are remembered per process, so the usual batch costs nothing here;
-    a new month costs one short transaction of its own, never inside the batch's,
-    so the parent table's lock is not held while rows are written.
+
+async def create_partitions(engine: AsyncEngine, moments: Iterable[datetime]) -> None:
+    """Create the month partitions ``moments`` fall in, where missing.
+
+    Idempotent and safe under concurrency (the database function takes an advisory
+    lock). A short transaction of its own, never inside a batch's, so the parent
+    table's lock is not held while rows are written.
     """
-
-    def __init__(self) -> None:
-        self._known: set[tuple[int, int]] = set()
-
-    def forget(self) -> None:
-        self._known.clear()
-
-    async def ensure(self, engine: AsyncEngine, moments: Sequence[datetime]) -> None:
-        if not moments:
-            return
-        # The usual batch lies within one month: its earliest and latest moments tell.
-        earliest, latest = _month(min(moments)), _month(max(moments))
-        if earliest == latest:
-            missing = {earliest} - self._known
-        else:
-            missing = {_month(m) for m in moments} - self._known
-        if not missing:
-            return
-        firsts = [datetime(y, m, 1, tzinfo=UTC) for y, m in sorted(missing)]
-        async with transaction(engine) as conn:
-            await conn.execute(
-                text(
-                    "SELECT ensure_system_metrics_partition(m)"
-                    " FROM unnest(CAST(:months AS timestamptz[])) AS m"
-                ),
-                {"months": firsts},
-            )
-        self._known |= missing
+    firsts = [datetime(y, m, 1, tzinfo=UTC) for y, m in sorted({_month(t) for t in moments})]
+    if not firsts:
+        return
+    async with transaction(engine) as conn:
+        await conn.execute(
+            text(
+                "SELECT ensure_system_metrics_partition(m)"
+                " FROM unnest(CAST(:months AS timestamptz[])) AS m"
+            ),
+            {"months": firsts},
+        )
 
 
 async def ensure_months_ahead(engine: AsyncEngine, months: int = 3) -> None:
     """Create the partitions of this month and the next ``months`` (startup, migrate)."""
     # From the 1st: 31-day steps from, say, Jan 31 would land in March, skipping February.
     first = datetime.now(UTC).replace(day=1)
-    await MetricPartitions().ensure(
-        engine, [first + timedelta(days=31 * i) for i in range(months + 1)]
-    )
+    await create_partitions(engine, [first + timedelta(days=31 * i) for i in range(months + 1)])
 
 
 # The identities go in first, narrow (two columns, one index), and tell which samples
@@ -195,10 +183,10 @@ METRIC_COLUMNS = (
 )
 
 
-async def write(conn: AsyncConnection, rows: Sequence[_Row], partitions: MetricPartitions) -> None:
+async def write(conn: AsyncConnection, rows: Sequence[_Row]) -> None:
     """Store every new sample identity of the batch: identities claimed, new rows copied.
 
-    The caller has run ``partitions.ensure`` for the rows' timestamps first.
+    Raises ``MissingPartitionError`` when a row's month has no partition.
     """
     if not rows:
         return
@@ -218,9 +206,7 @@ async def write(conn: AsyncConnection, rows: Sequence[_Row], partitions: MetricP
     except asyncpg.CheckViolationError as error:
         if "no partition" not in str(error):
             raise
-        # A partition this process believed in was dropped (retention): relearn.
-        partitions.forget()
-        raise QueryError(f"metrics partition missing, will be recreated: {error}") from error
+        raise MissingPartitionError(f"metrics partition missing: {error}") from error
 
 
 def cache_keys(rows: Iterable[_Row]) -> frozenset[str]:
@@ -310,9 +296,6 @@ class MetricsHandler:
 
     topic = "metrics"
 
-    def __init__(self) -> None:
-        self.partitions = MetricPartitions()
-
     def parse(self, payload: dict[str, Any], published_at: datetime) -> MetricsMessage:
         if "metrics" in payload:
             # All or nothing: one bad sample refuses the whole message.
@@ -322,7 +305,13 @@ class MetricsHandler:
 
     async def apply(self, engine: AsyncEngine, items: Sequence[MetricsMessage]) -> BatchOutcome:
         rows = _rows(items)
-        await self.partitions.ensure(engine, list(map(_TIMESTAMP, rows)))
-        async with transaction(engine) as conn:
-            await write(conn, rows, self.partitions)
+        try:
+            async with transaction(engine) as conn:
+                await write(conn, rows)
+        except MissingPartitionError:
+            # Months ahead are created at start; a sample outside them finds its
+            # partition missing once, here, rather than every batch paying a check.
+            await create_partitions(engine, map(_TIMESTAMP, rows))
+            async with transaction(engine) as conn:
+                await write(conn, rows)
         return BatchOutcome(cache_keys=cache_keys(rows))

@@ -52,7 +52,6 @@ class DatabaseService:
         self._backfill = backfill.BackfillHandler()
         self._feedback = feedback.FeedbackHandler()
         self._metrics = metrics.MetricsHandler()
-        self.partitions = self._metrics.partitions
 
     # -- backfill jobs ---------------------------------------------------------------
 

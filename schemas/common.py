@@ -2,34 +2,58 @@
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StrictStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    StrictStr,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import core_schema
 
 # RFC 3339 date-time: a full date, a time and a mandatory offset (``Z`` or ``+hh:mm``).
-# datetime.fromisoformat alone would also take naive and date-only values.
-_RFC3339 = re.compile(
-    r"\A\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})\Z"
+# Parsing alone would also take naive, date-only and numeric (Unix time) values.
+RFC3339_PATTERN = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})$"
 )
 
 
-def rfc3339_input(value: Any) -> Any:
-    """Let through an aware datetime or an RFC 3339 string; pydantic parses the string.
+class _Rfc3339:
+    """Validates an aware datetime, or an RFC 3339 string with an offset, wholly in
+    pydantic's core: a batch holds up to 1000 timestamps, and a Python callback for
+    each costs more than the rest of their validation."""
 
-    Refused here: numbers (pydantic would read them as Unix times), date-only and
-    other ISO 8601 shapes. Naive values are refused by ``AwareDatetime`` itself.
-    """
-    if isinstance(value, datetime):
-        return value
-    if not isinstance(value, str) or not _RFC3339.match(value):
-        raise ValueError("timestamp must be an RFC 3339 string with an offset (Z or +hh:mm)")
-    return value
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        aware = core_schema.datetime_schema(tz_constraint="aware")
+        return core_schema.union_schema(
+            [
+                core_schema.datetime_schema(strict=True, tz_constraint="aware"),
+                core_schema.chain_schema(
+                    [core_schema.str_schema(strict=True, pattern=RFC3339_PATTERN), aware]
+                ),
+            ],
+            custom_error_type="timestamp_format",
+            custom_error_message=(
+                "timestamp must be an RFC 3339 string with an offset (Z or +hh:mm)"
+            ),
+        )
+
+    def __get_pydantic_json_schema__(
+        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return {"type": "string", "format": "date-time"}
 
 
-Timestamp = Annotated[AwareDatetime, BeforeValidator(rfc3339_input)]
-"""An aware datetime, from an RFC 3339 string with an offset (parsed in Rust)."""
+Timestamp = Annotated[datetime, _Rfc3339()]
+"""An aware datetime, from an RFC 3339 string with an offset (checked and parsed in Rust)."""
 
 
 StorableText = Annotated[StrictStr, Field(pattern=r"^[^\x00]*$")]

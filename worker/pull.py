@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 MAX_PULL_MESSAGES = 1000
 
 
+YIELD_EVERY_S = 0.005
+"""Longest run of validation before the pull loop lets other tasks go."""
+
+
 @dataclass(frozen=True)
 class PullSettings:
     pullers: int = 8
@@ -171,6 +175,7 @@ class PullSource:
                 if self._has_room():
                     self._room.set()
             now = time.monotonic()
+            slice_ends = time.perf_counter() + YIELD_EVERY_S
             for received_message in received:
                 message = received_message.message
                 ack_id = received_message.ack_id
@@ -189,6 +194,12 @@ class PullSource:
                         delivery_attempt=received_message.delivery_attempt or None,
                     )
                 )
+                if time.perf_counter() >= slice_ends:
+                    # A pull may bring 100 messages of 1000 samples: validating them
+                    # all in one go would starve the flushes, whose next statement
+                    # or COPY chunk waits for the loop while PostgreSQL sits idle.
+                    await asyncio.sleep(0)
+                    slice_ends = time.perf_counter() + YIELD_EVERY_S
 
     async def _settle_loop(self) -> None:
         interval_s = self.settings.settle_every_ms / 1000
