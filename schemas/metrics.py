@@ -56,6 +56,21 @@ def _all_finite(value: Any) -> bool:
     return True
 
 
+_EXACT_LIMIT = 2.0**63
+"""Integers beyond 64 bits reach us as doubles (orjson's decoding): any number this
+large may have been one, no longer exact."""
+
+
+def _has_huge_number(value: Any) -> bool:
+    if isinstance(value, float):
+        return abs(value) >= _EXACT_LIMIT
+    if isinstance(value, dict):
+        return any(_has_huge_number(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_huge_number(v) for v in value)
+    return False
+
+
 def _canonical_object(value: dict[str, Any] | None) -> JsonObject | None:
     if value is None:
         return None
@@ -69,6 +84,13 @@ def _canonical_object(value: dict[str, Any] | None) -> JsonObject | None:
         raise ValueError("must be finite JSON (no NaN or Infinity)")
     if len(encoded) > MAX_METADATA_BYTES:
         raise ValueError(f"larger than {MAX_METADATA_BYTES} bytes")
+    # Such a number is written with an exponent: look closer only when an "e" is there.
+    # Refused rather than stored changed, and rather than letting two samples that
+    # differ only in it share one identity.
+    if b"e" in encoded and _has_huge_number(value):
+        raise ValueError(
+            "numbers of magnitude 2**63 or more are not kept exactly: send them as strings"
+        )
     result = JsonObject(value)
     result.canonical = encoded.decode("utf-8")
     return result

@@ -20,6 +20,7 @@ from fastapi import FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.types import Receive, Scope, Send
 
 from handlers import build_handlers
 from handlers.reads import CacheService
@@ -29,14 +30,16 @@ from schemas.feedback import FeedbackStats
 from schemas.metrics import MetricAggregate, MetricPoint, MetricRecord
 from worker.cache import Cache, create_redis
 from worker.config import Settings
+from worker.crashpoints import CrashPoints
 from worker.db import connection, create_engine
 from worker.deadletter import DeadLetterPublisher
 from worker.exceptions import NotFoundError, ValidationError, WorkerError
 from worker.invalidation import InvalidationPublisher
-from worker.oidc import AuthError, ForbiddenError, PushVerifier
+from worker.oidc import PushVerifier
 from worker.pipeline import BatchSettings
 from worker.pubsub import PubSub
-from worker.push import MAX_PUSH_BODY_BYTES, EnvelopeError, PushIngest, parse_envelope
+from worker.push import PushIngest
+from worker.push_endpoint import PushEndpoint, answer, push_topic
 from worker.telemetry import Telemetry, create_telemetry
 
 log = logging.getLogger(__name__)
@@ -58,6 +61,7 @@ class Services:
         settings: Settings,
         batch: BatchSettings | None = None,
         telemetry: Telemetry | None = None,
+        crash_points: CrashPoints | None = None,
     ) -> Services:
         engine = create_engine(settings)
         db = DatabaseService(engine)
@@ -71,6 +75,7 @@ class Services:
             telemetry,
             InvalidationPublisher(pubsub),
             batch,
+            crash_points,
         )
         return cls(engine, db, cache, CacheService(cache, db), pubsub, push, telemetry)
 
@@ -99,22 +104,47 @@ async def _warn_push_auth_disabled() -> None:
 
 
 def _services(request: Request) -> Services:
-    services: Services = request.app.state.services
+    return _services_of(request.app)
+
+
+def _services_of(app: FastAPI) -> Services:
+    services: Services = app.state.services
     return services
+
+
+class WorkerApp(FastAPI):
+    """The FastAPI app, with push requests answered before Starlette's stack
+    (see ``worker.push_endpoint``)."""
+
+    push_endpoint: PushEndpoint | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint = self.push_endpoint
+        topic = None if endpoint is None else push_topic(scope)
+        if endpoint is None or topic is None:
+            await super().__call__(scope, receive, send)
+            return
+        await endpoint(topic, scope, receive, send)
 
 
 def create_app(
     settings: Settings,
     services: Services | None = None,
     verifier: PushVerifier | Literal["from-settings"] | None = "from-settings",
+    crash_points: CrashPoints | None = None,
 ) -> FastAPI:
-    """The app; ``verifier`` defaults to what ``PUSH_AUTH`` asks for (tests inject one)."""
+    """The app; ``verifier`` defaults to what ``PUSH_AUTH`` asks for (tests inject one).
+
+    ``crash_points`` (tests only) reach the push pipelines of the services it creates.
+    """
     push_auth = push_verifier(settings) if verifier == "from-settings" else verifier
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = services is None
-        app.state.services = current = services or Services.create(settings)
+        app.state.services = current = services or Services.create(
+            settings, crash_points=crash_points
+        )
         warning = None if push_auth else asyncio.create_task(_warn_push_auth_disabled())
         current.push.start()
         try:
@@ -127,7 +157,7 @@ def create_app(
             if owned:
                 await current.close()
 
-    app = FastAPI(
+    app = WorkerApp(
         title="utxoIQ persistence worker",
         version="0.1.0",
         lifespan=lifespan,
@@ -167,29 +197,15 @@ def create_app(
     )
     async def push(request: Request, topic: str) -> Response:
         """A Pub/Sub push (wrapped envelope): 204 once committed or dead-lettered."""
-        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if media_type != "application/json":
-            return _error(415, "unsupported_media_type", "Content-Type must be application/json")
-        if push_auth is not None:
-            try:
-                await push_auth.verify(request.headers.get("authorization"))
-            except AuthError as error:
-                return _error(401, "unauthorized", str(error))
-            except ForbiddenError as error:
-                return _error(403, "forbidden", str(error))
-        body = await _read_capped(request, MAX_PUSH_BODY_BYTES)
-        if body is None:
-            return _error(413, "too_large", f"body over {MAX_PUSH_BODY_BYTES} bytes")
-        services = _services(request)
-        if not services.push.handles(topic):
-            return _error(404, "not_found", f"no handler for topic {topic!r}")
-        try:
-            delivery = parse_envelope(body)
-        except EnvelopeError as error:
-            return _error(400, "bad_request", str(error))
-        if await services.push.deliver(topic, delivery):
-            return Response(status_code=204)
-        return _error(503, "unavailable", "not committed; retry")
+        # Served by PushEndpoint in front of the app; this route documents it.
+
+        async def read_body(limit: int) -> bytes | None:
+            return await _read_capped(request, limit)
+
+        reply = await answer(_services(request).push, push_auth, topic, request.headers, read_body)
+        if reply.error is None:
+            return Response(status_code=reply.status)
+        return JSONResponse({"error": reply.error, "detail": reply.detail}, reply.status)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
@@ -267,18 +283,12 @@ def create_app(
             return _json(await services.reads.recent_metrics_json(service_name, metric_type))
         return await services.db.get_metrics(service_name, metric_type, start, end)
 
+    app.push_endpoint = PushEndpoint(lambda: _services_of(app).push, push_auth)
     return app
 
 
-def _error(status: int, error: str, detail: str) -> JSONResponse:
-    return JSONResponse({"error": error, "detail": detail}, status_code=status)
-
-
 async def _read_capped(request: Request, limit: int) -> bytes | None:
-    """The body, or None as soon as it exceeds ``limit`` (whatever Content-Length says)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        return None
+    """The body, or None as soon as it exceeds ``limit``."""
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,12 +20,34 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
 
 
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from exc
+
+
+# Name of each timeout's variable, for the error that refuses a bad value.
+_TIMEOUT_VARIABLES = {
+    "database_connect_timeout_s": "DATABASE_CONNECT_TIMEOUT",
+    "database_command_timeout_s": "DATABASE_COMMAND_TIMEOUT",
+    "database_statement_timeout_s": "DATABASE_STATEMENT_TIMEOUT",
+}
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str = DEFAULT_DATABASE_URL
     database_pool_size: int = 10
     database_max_overflow: int = 20
     database_pool_timeout_s: int = 30
+    # Never infinite: a stalled network must fail a batch (nack) instead of hanging it.
+    database_connect_timeout_s: float = 10.0
+    database_command_timeout_s: float = 30.0  # client side, every statement (asyncpg)
+    database_statement_timeout_s: float = 30.0  # server side (statement_timeout)
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_max_connections: int = 50
     google_cloud_project: str = "utxoiq-local"
@@ -40,6 +63,13 @@ class Settings:
     push_service_accounts: tuple[str, ...] = field(default_factory=tuple)
     push_auth: str = "required"
 
+    def __post_init__(self) -> None:
+        for attribute, variable in _TIMEOUT_VARIABLES.items():
+            value = getattr(self, attribute)
+            # 0 means "no timeout" to asyncpg and to PostgreSQL: refused, never infinite.
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{variable} must be a positive number of seconds, got {value}")
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
@@ -54,6 +84,9 @@ class Settings:
             database_pool_size=_int(env, "DATABASE_POOL_SIZE", 10),
             database_max_overflow=_int(env, "DATABASE_MAX_OVERFLOW", 20),
             database_pool_timeout_s=_int(env, "DATABASE_POOL_TIMEOUT", 30),
+            database_connect_timeout_s=_seconds(env, "DATABASE_CONNECT_TIMEOUT", 10.0),
+            database_command_timeout_s=_seconds(env, "DATABASE_COMMAND_TIMEOUT", 30.0),
+            database_statement_timeout_s=_seconds(env, "DATABASE_STATEMENT_TIMEOUT", 30.0),
             redis_url=env.get("REDIS_URL") or "redis://127.0.0.1:6379/0",
             redis_max_connections=_int(env, "REDIS_MAX_CONNECTIONS", 50),
             google_cloud_project=env.get("GOOGLE_CLOUD_PROJECT") or "utxoiq-local",

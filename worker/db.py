@@ -47,7 +47,17 @@ def create_engine(settings: Settings, **overrides: Any) -> AsyncEngine:
         "pool_timeout": settings.database_pool_timeout_s,
         # A connection killed by a database restart is detected and replaced.
         "pool_pre_ping": True,
-        "connect_args": {"timeout": 10, "command_timeout": 60},
+        # Both timeouts, never infinite: the server's statement_timeout ends a statement
+        # stuck in PostgreSQL (a lock wait) and frees what it holds; asyncpg's
+        # command_timeout ends a wait on a network that stopped carrying bytes, which
+        # no server setting can see. Either way the batch fails transient and is nacked.
+        "connect_args": {
+            "timeout": settings.database_connect_timeout_s,
+            "command_timeout": settings.database_command_timeout_s,
+            "server_settings": {
+                "statement_timeout": str(round(settings.database_statement_timeout_s * 1000)),
+            },
+        },
     }
     options.update(overrides)
     return create_async_engine(settings.database_url, **options)
@@ -70,7 +80,13 @@ def translate(error: BaseException) -> exc.WorkerError:
         return exc.ConnectionError(f"database unreachable: {detail}")
     if isinstance(
         original,
-        (asyncpg.exceptions.ConnectionDoesNotExistError, asyncpg.InterfaceError),
+        (
+            asyncpg.exceptions.ConnectionDoesNotExistError,
+            asyncpg.InterfaceError,
+            # The protocol lost its state, e.g. a FATAL (pg_terminate_backend) that
+            # arrived while the connection was idle: that connection is unusable.
+            asyncpg.InternalClientError,
+        ),
     ):
         return exc.ConnectionError(f"database connection lost: {detail}")
     if isinstance(original, asyncpg.PostgresConnectionError) or (
@@ -97,23 +113,68 @@ async def wrap_exceptions() -> AsyncIterator[None]:
         yield
     except exc.WorkerError:
         raise
-    except (sa_exc.SQLAlchemyError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+    except (
+        sa_exc.SQLAlchemyError,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+        asyncpg.InternalClientError,
+    ) as error:
         raise translate(error) from error
     except (OSError, TimeoutError) as error:
         raise translate(error) from error
 
 
+def _timed_out(error: BaseException) -> bool:
+    """A client-side timeout (asyncpg ``command_timeout``), however SQLAlchemy wrapped it."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, TimeoutError):
+            return True
+        if isinstance(seen, sa_exc.DBAPIError) and seen.orig is not None:
+            seen = seen.orig
+        else:
+            seen = seen.__cause__
+    return False
+
+
+@asynccontextmanager
+async def _discard_on_timeout(conn: AsyncConnection) -> AsyncIterator[None]:
+    """Invalidate ``conn`` when a statement under it timed out.
+
+    After a client-side timeout asyncpg sends a cancel request on a second connection
+    and every later operation on this one (the ROLLBACK on exit, the pool's reset)
+    first waits for that cancel, up to another command timeout: on a stalled network
+    the batch would take twice as long to fail. Invalidated, the connection is closed
+    (SQLAlchemy allows that 2 s, then terminates it) and never goes back to the pool;
+    the next checkout connects afresh.
+    """
+    try:
+        yield
+    except BaseException as error:
+        if _timed_out(error) and not conn.invalidated:
+            await conn.invalidate(error if isinstance(error, Exception) else None)
+        raise
+
+
 @asynccontextmanager
 async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     """One transaction on a pooled connection, errors translated."""
-    async with wrap_exceptions(), engine.begin() as conn:
+    # The outer discard sees a COMMIT that timed out; the inner one a statement, before
+    # begin()'s ROLLBACK would wait for its cancellation.
+    async with (
+        wrap_exceptions(),
+        engine.connect() as conn,
+        _discard_on_timeout(conn),
+        conn.begin(),
+        _discard_on_timeout(conn),
+    ):
         yield conn
 
 
 @asynccontextmanager
 async def connection(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     """A pooled connection for reads (autobegin, rolled back on exit), errors translated."""
-    async with wrap_exceptions(), engine.connect() as conn:
+    async with wrap_exceptions(), engine.connect() as conn, _discard_on_timeout(conn):
         yield conn
 
 

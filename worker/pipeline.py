@@ -26,6 +26,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from worker.crashpoints import CrashPoint, CrashPoints
 from worker.deadletter import DeadLetterPublisher
 from worker.decoding import decode_json_object
 from worker.delivery import Delivery
@@ -86,10 +87,14 @@ class TopicPipeline:
         settings: BatchSettings = BatchSettings(),
         after_commit: AfterCommit | None = None,
         backoff: Backoff | None = None,
+        crash_points: CrashPoints | None = None,
     ) -> None:
         self.topic = handler.topic
         self.handler = handler
         self.engine = engine
+        # Tests only (WORKER_CRASH_AT): disarmed, ``guard_commits`` is ``engine`` itself.
+        self.crash_points = crash_points or CrashPoints.disarmed()
+        self._handler_engine = self.crash_points.guard_commits(engine)
         self.dead_letters = dead_letters
         self.telemetry = telemetry
         self.settings = settings
@@ -241,6 +246,7 @@ class TopicPipeline:
                 else:
                     dead.append((entry.delivery, failure))
             if committed and outcome.cache_keys and self.after_commit is not None:
+                self.crash_points.reach(CrashPoint.AFTER_COMMIT)
                 try:
                     await self.after_commit(self.topic, outcome.cache_keys)
                 except WorkerError as error:
@@ -248,6 +254,8 @@ class TopicPipeline:
                     log.warning("invalidations not published, nacking", extra={"error": str(error)})
                     self._nack(committed)
                     committed = []
+                else:
+                    self.crash_points.reach(CrashPoint.AFTER_PUBLISH)
         if committed:
             oldest = min(d.publish_time for d in committed)
             lag = datetime.now(UTC) - oldest
@@ -261,7 +269,7 @@ class TopicPipeline:
     async def _apply(self, items: Sequence[Any]) -> BatchOutcome:
         """Apply a batch; if it is refused as a whole, find the culprits by halving."""
         try:
-            return await self.handler.apply(self.engine, items)
+            return await self.handler.apply(self._handler_engine, items)
         except PermanentError as error:
             if len(items) == 1:
                 return BatchOutcome(failures={0: error})

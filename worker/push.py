@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from worker.crashpoints import CrashPoints
 from worker.deadletter import DeadLetterPublisher
 from worker.delivery import Delivery
 from worker.exceptions import InvalidEncodingError
@@ -119,6 +120,7 @@ class PushIngest:
         telemetry: Telemetry,
         after_commit: AfterCommit,
         settings: BatchSettings | None = None,
+        crash_points: CrashPoints | None = None,
     ) -> None:
         self.pipelines = {
             topic: TopicPipeline(
@@ -128,12 +130,17 @@ class PushIngest:
                 telemetry,
                 settings or BatchSettings(),
                 after_commit=after_commit,
+                crash_points=crash_points,
             )
             for topic, handler in handlers.items()
         }
         self._tasks: list[asyncio.Task[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
+        # Kept: asyncio.get_running_loop() makes a getpid() system call each time,
+        # once per request otherwise.
+        self._loop = asyncio.get_running_loop()
         self._tasks = [asyncio.create_task(p.run()) for p in self.pipelines.values()]
 
     async def stop(self) -> None:
@@ -147,7 +154,9 @@ class PushIngest:
 
     async def deliver(self, topic: str, delivery: Delivery) -> bool:
         """True once committed or dead-lettered; False when nacked (transient)."""
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        if self._loop is None:
+            raise RuntimeError("PushIngest.start() was not called")
+        future: asyncio.Future[bool] = self._loop.create_future()
         delivery.token = future
         self.pipelines[topic].submit(delivery)
         return await future

@@ -20,6 +20,7 @@ from handlers import build_handlers
 from handlers.metrics import ensure_months_ahead
 from worker.cache import Cache, create_redis
 from worker.config import Settings
+from worker.crashpoints import CrashPoints
 from worker.db import create_engine
 from worker.deadletter import DeadLetterPublisher
 from worker.invalidation import INVALIDATION_TOPIC, InvalidationPublisher
@@ -45,7 +46,11 @@ class Worker:
     """Pipelines and pull sources for the chosen topics, on shared resources."""
 
     def __init__(
-        self, settings: Settings, options: RunOptions, telemetry: Telemetry | None = None
+        self,
+        settings: Settings,
+        options: RunOptions,
+        telemetry: Telemetry | None = None,
+        crash_points: CrashPoints | None = None,
     ) -> None:
         self.settings = settings
         self.options = options
@@ -68,6 +73,7 @@ class Worker:
                 options.batch,
                 # The updater's batches name no cache keys: it never publishes any.
                 after_commit=publish_invalidations,
+                crash_points=crash_points,
             )
             for topic in options.topics
         ]
@@ -124,7 +130,8 @@ def tune_garbage_collector() -> None:
 
 async def run_worker(settings: Settings, options: RunOptions) -> int:
     tune_garbage_collector()
-    worker = Worker(settings, options)
+    # Read once, here: a test-only setting that no batch looks up again.
+    worker = Worker(settings, options, crash_points=CrashPoints.from_env())
     await ensure_months_ahead(worker.engine)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

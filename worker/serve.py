@@ -12,6 +12,7 @@ import uvicorn
 
 from worker.api import create_app
 from worker.config import Settings
+from worker.crashpoints import CrashPoints
 from worker.runner import tune_garbage_collector
 
 GRACEFUL_SHUTDOWN_S = 8
@@ -20,7 +21,8 @@ GRACEFUL_SHUTDOWN_S = 8
 async def serve(settings: Settings, host: str = "0.0.0.0") -> int:
     """Serve until SIGTERM; refuses to start with PUSH_AUTH=required and no audience."""
     config = uvicorn.Config(
-        create_app(settings),
+        # WORKER_CRASH_AT is read once, here (tests only; unset in production).
+        create_app(settings, crash_points=CrashPoints.from_env()),
         host=host,
         port=settings.port,
         log_config=None,  # our JSON-line logging stays in charge

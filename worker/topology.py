@@ -33,6 +33,35 @@ DEAD_LETTER_RETENTION_S = 7 * 24 * 3600
 
 
 @dataclass(frozen=True)
+class Redelivery:
+    """When a worker subscription hands a message out again: CONTRACT.md's values.
+
+    Only tests pass other ones: after a worker is killed, what it held comes back when
+    its ack deadline expires, and a nacked message after the retry backoff; the
+    contract's 60 s and 10-600 s would make every fault scenario wait minutes.
+    """
+
+    ack_deadline_s: int = ACK_DEADLINE_S
+    min_retry_backoff_s: int = MIN_RETRY_BACKOFF_S
+    max_retry_backoff_s: int = MAX_RETRY_BACKOFF_S
+    max_delivery_attempts: int = MAX_DELIVERY_ATTEMPTS
+
+    def __post_init__(self) -> None:
+        # Pub/Sub's own bounds: a value outside them is refused by the API anyway.
+        if not 10 <= self.ack_deadline_s <= 600:
+            raise ValueError(f"ack_deadline_s must be 10..600, got {self.ack_deadline_s}")
+        if not 0 <= self.min_retry_backoff_s <= self.max_retry_backoff_s <= 600:
+            raise ValueError("retry backoff must satisfy 0 <= min <= max <= 600 s")
+        if not 5 <= self.max_delivery_attempts <= 100:
+            raise ValueError(
+                f"max_delivery_attempts must be 5..100, got {self.max_delivery_attempts}"
+            )
+
+
+CONTRACT_REDELIVERY = Redelivery()
+
+
+@dataclass(frozen=True)
 class TopicSpec:
     topic: str
     subscription: str
@@ -66,21 +95,23 @@ def spec_for(topic: str) -> TopicSpec:
         raise ValueError(f"unknown topic {topic!r}; known: {', '.join(BY_TOPIC)}") from None
 
 
-def render(push_endpoint: str | None = None) -> dict[str, Any]:
+def render(
+    push_endpoint: str | None = None, redelivery: Redelivery = CONTRACT_REDELIVERY
+) -> dict[str, Any]:
     """The topology as plain data (what ``deploy/`` describes)."""
     subscriptions = []
     for spec in TOPOLOGY:
         entry: dict[str, Any] = {
             "name": spec.subscription,
             "topic": spec.topic,
-            "ack_deadline_seconds": ACK_DEADLINE_S,
+            "ack_deadline_seconds": redelivery.ack_deadline_s,
             "retry_policy": {
-                "minimum_backoff": f"{MIN_RETRY_BACKOFF_S}s",
-                "maximum_backoff": f"{MAX_RETRY_BACKOFF_S}s",
+                "minimum_backoff": f"{redelivery.min_retry_backoff_s}s",
+                "maximum_backoff": f"{redelivery.max_retry_backoff_s}s",
             },
             "dead_letter_policy": {
                 "dead_letter_topic": spec.dead_letter_topic,
-                "max_delivery_attempts": MAX_DELIVERY_ATTEMPTS,
+                "max_delivery_attempts": redelivery.max_delivery_attempts,
             },
         }
         if push_endpoint:
@@ -122,14 +153,16 @@ def _subscription(
         ack_deadline_seconds=entry["ack_deadline_seconds"],
     )
     if "retry_policy" in entry:
+        retry = entry["retry_policy"]
         subscription.retry_policy = RetryPolicy(
-            minimum_backoff=duration_pb2.Duration(seconds=MIN_RETRY_BACKOFF_S),
-            maximum_backoff=duration_pb2.Duration(seconds=MAX_RETRY_BACKOFF_S),
+            minimum_backoff=duration_pb2.Duration(seconds=_seconds(retry["minimum_backoff"])),
+            maximum_backoff=duration_pb2.Duration(seconds=_seconds(retry["maximum_backoff"])),
         )
     if "dead_letter_policy" in entry:
+        dead_letter = entry["dead_letter_policy"]
         subscription.dead_letter_policy = DeadLetterPolicy(
-            dead_letter_topic=topic_path(project, entry["dead_letter_policy"]["dead_letter_topic"]),
-            max_delivery_attempts=MAX_DELIVERY_ATTEMPTS,
+            dead_letter_topic=topic_path(project, dead_letter["dead_letter_topic"]),
+            max_delivery_attempts=dead_letter["max_delivery_attempts"],
         )
     if "message_retention_duration" in entry:
         subscription.message_retention_duration = duration_pb2.Duration(
@@ -145,14 +178,26 @@ def _subscription(
     return subscription
 
 
+def _seconds(duration: str) -> int:
+    """``"10s"`` (render's duration text) as seconds."""
+    return int(duration.removesuffix("s"))
+
+
 _OPTIONAL_FIELDS = ("retry_policy", "dead_letter_policy", "message_retention_duration")
 
 
-async def apply(settings: Settings, push_endpoint: str | None = None) -> dict[str, int]:
-    """Create or bring up to date every topic and subscription; counts of what changed."""
+async def apply(
+    settings: Settings,
+    push_endpoint: str | None = None,
+    redelivery: Redelivery = CONTRACT_REDELIVERY,
+) -> dict[str, int]:
+    """Create or bring up to date every topic and subscription; counts of what changed.
+
+    ``redelivery`` is CONTRACT.md's unless a test shortens it (see ``Redelivery``).
+    """
     publisher, subscriber = _clients(settings)
     project = settings.google_cloud_project
-    plan = render(push_endpoint)
+    plan = render(push_endpoint, redelivery)
     counts = {"topics_created": 0, "subscriptions_created": 0, "subscriptions_updated": 0}
     account = settings.push_service_accounts[0] if settings.push_service_accounts else None
     for name in plan["topics"]:
