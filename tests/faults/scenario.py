@@ -1,0 +1,186 @@
+"""One fault scenario's run: workload in, faults injected by the test, verdict out.
+
+A scenario publishes phase 1 of a workload (valid events, 5% republished duplicates,
+2% poison, shuffled) at a steady rate while a reader keeps filling the cache through
+the read path, lets the test inject its faults meanwhile, waits until PostgreSQL
+holds the oracle's state, publishes phase 2 (the conflicts, which need phase 1
+stored), waits again, lets the worker go idle, and then checks the four promises:
+0 lost, 0 applied twice, every poison in its dead-letter topic and nothing else
+there, and every Redis key equal to what the database gives now.
+
+The test drives the processes (``tests/faults/processes.py``) and the faults; this
+module only knows the workload, the ledger and the checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from handlers.reads import CacheService
+from handlers.service import DatabaseService
+from tests.faults.checks import (
+    DatabaseReport,
+    DeadLetterReport,
+    RedisReport,
+    check_dead_letters,
+    check_redis_invariant,
+    compare_database,
+    figures,
+    wait_for_database,
+)
+from tests.faults.oracle import Expected, Ledger
+from tests.faults.workload import Workload, build_workload, publish
+from worker.cache import Cache, create_redis
+from worker.config import Settings
+from worker.db import create_engine
+from worker.exceptions import WorkerError
+from worker.pubsub import PubSub
+
+CONFLICT_RATE_PER_S = 200
+READ_PAUSE_S = 0.02
+
+
+@dataclass
+class Verdict:
+    """What a scenario found; ``assert_ok`` fails with every difference named."""
+
+    name: str
+    messages: int
+    faults: list[str]
+    database: DatabaseReport
+    dead_letters: DeadLetterReport
+    cache: RedisReport
+    elapsed_s: float
+
+    @property
+    def ok(self) -> bool:
+        return self.database.ok and self.dead_letters.ok and self.cache.ok
+
+    def figures(self) -> dict[str, Any]:
+        return {
+            "scenario": self.name,
+            "messages": self.messages,
+            "faults": self.faults,
+            "lost": self.database.lost,
+            "doubled": self.database.doubled,
+            "wrong": self.database.wrong,
+            "unexpected": self.database.unexpected,
+            "misrouted": self.dead_letters.misrouted,
+            "elapsed_s": round(self.elapsed_s, 1),
+            **figures(self.database, self.dead_letters, self.cache),
+        }
+
+    def line(self) -> str:
+        return json.dumps(self.figures(), sort_keys=False, default=str)
+
+    def assert_ok(self) -> None:
+        reports = (self.database, self.dead_letters, self.cache)
+        assert self.ok, "\n".join([self.line(), *(r.describe() for r in reports)])
+
+
+@dataclass
+class Scenario:
+    """The workload of one scenario and what happened to it."""
+
+    name: str
+    settings: Settings
+    pubsub: PubSub
+    workload: Workload
+    ledger: Ledger = field(default_factory=Ledger)
+    faults: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+    @classmethod
+    def create(
+        cls, name: str, settings: Settings, pubsub: PubSub, *, seed: int, messages: int
+    ) -> Scenario:
+        return cls(name, settings, pubsub, build_workload(seed, messages))
+
+    @property
+    def dsn(self) -> str:
+        return self.settings.database_url
+
+    def fault(self, description: str) -> None:
+        """Record a fault injected (for the verdict's figures)."""
+        self.faults.append(f"{time.monotonic() - self.started:.1f}s {description}")
+
+    async def publish_phase1(self, rate_per_s: float | None) -> None:
+        """Phase 1 in publish order, at ``rate_per_s`` (None: as fast as possible)."""
+        await publish(self.pubsub, self.workload.phases[0], self.ledger, rate_per_s=rate_per_s)
+
+    async def publish_phase2(self) -> None:
+        for phase in self.workload.phases[1:]:
+            await publish(self.pubsub, phase, self.ledger, rate_per_s=CONFLICT_RATE_PER_S)
+
+    def expected(self) -> Expected:
+        return self.ledger.expected()
+
+    async def applied(self, timeout_s: float) -> DatabaseReport:
+        """Wait until PostgreSQL holds the oracle's state of what was published so far."""
+        return await wait_for_database(self.dsn, self.expected(), timeout_s=timeout_s)
+
+    @asynccontextmanager
+    async def reading(self, seed: int = 1) -> AsyncIterator[None]:
+        """A reader filling the cache through the read path while the body runs, so that
+        fills race invalidations; every failure (database or Redis down) is expected."""
+        stop = asyncio.Event()
+        task = asyncio.create_task(self._read_until(stop, random.Random(seed)))
+        try:
+            yield
+        finally:
+            stop.set()
+            await task
+
+    async def _read_until(self, stop: asyncio.Event, rng: random.Random) -> None:
+        engine = create_engine(self.settings)
+        cache = Cache(create_redis(self.settings))
+        reads = CacheService(cache, DatabaseService(engine))
+        try:
+            while not stop.is_set():
+                expected = self.expected()
+                with contextlib.suppress(WorkerError):
+                    if expected.jobs:
+                        await reads.get_backfill_job(rng.choice(list(expected.jobs)))
+                    if expected.feedback:
+                        insight, _ = rng.choice(list(expected.feedback))
+                        await reads.get_feedback_stats(insight)
+                    if expected.metrics:
+                        sample = rng.choice(list(expected.metrics.values()))
+                        await reads.recent_metrics(sample.service_name, sample.metric_type)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), READ_PAUSE_S)
+        finally:
+            await cache.close()
+            await engine.dispose()
+
+    async def verdict(self, *, applied_timeout_s: float = 120, idle_s: float = 3) -> Verdict:
+        """Phase 2, then the checks. The worker(s) must be running (and stay so)."""
+        phase1 = await self.applied(applied_timeout_s)
+        assert phase1.ok, "phase 1 never fully applied:\n" + phase1.describe()
+        await self.publish_phase2()
+        final = await self.applied(applied_timeout_s)
+        # Idle: invalidations of the last commits reach Redis within milliseconds; a
+        # few seconds with nothing published leaves none in flight.
+        await asyncio.sleep(idle_s)
+        database = await compare_database(self.dsn, self.expected()) if final.ok else final
+        dead = await check_dead_letters(self.pubsub, self.ledger)
+        cache = await check_redis_invariant(self.settings.redis_url, self.dsn)
+        verdict = Verdict(
+            self.name,
+            len(self.workload.messages),
+            self.faults,
+            database,
+            dead,
+            cache,
+            time.monotonic() - self.started,
+        )
+        print(f"\nfault scenario {verdict.line()}")
+        return verdict
