@@ -132,7 +132,7 @@ def create_app(
     services: Services | None = None,
     verifier: PushVerifier | Literal["from-settings"] | None = "from-settings",
     crash_points: CrashPoints | None = None,
-) -> FastAPI:
+) -> WorkerApp:
     """The app; ``verifier`` defaults to what ``PUSH_AUTH`` asks for (tests inject one).
 
     ``crash_points`` (tests only) reach the push pipelines of the services it creates.

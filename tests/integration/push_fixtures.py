@@ -112,12 +112,18 @@ async def app_client(
     settings: Settings,
     services: Services | None = None,
     verifier: PushVerifier | None = None,
+    *,
+    fastapi_route: bool = False,
 ) -> AsyncIterator[httpx.AsyncClient]:
     """The app started (lifespan entered) in this loop; a client bound to it in-process.
 
     ``services`` are closed on exit; ``verifier=None`` turns push auth off.
+    ``fastapi_route``: pushes go to the FastAPI route that documents ``/push/{topic}``
+    instead of the ASGI-level endpoint that serves it (both must answer alike).
     """
     app = create_app(settings, services, verifier=verifier)
+    if fastapi_route:
+        app.push_endpoint = None
     try:
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)

@@ -59,11 +59,15 @@ def push(pubsub_settings: Settings) -> PushServices:
     return PushServices(pubsub_settings, FAST_BATCH)
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def client(pubsub_settings: Settings, push: PushServices) -> AsyncIterator[httpx.AsyncClient]:
-    """The app with OIDC required, verified against a local fake of Google's certs."""
+@pytest_asyncio.fixture(loop_scope="session", params=["asgi-endpoint", "fastapi-route"])
+async def client(
+    request: pytest.FixtureRequest, pubsub_settings: Settings, push: PushServices
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The app with OIDC required, verified against a local fake of Google's certs; the
+    push answered by the ASGI-level endpoint (as served) or by the documenting route."""
     verifier = PushVerifier(AUDIENCE, [SERVICE_ACCOUNT], CertCache(fetch=CertSource().fetch))
-    async with app_client(pubsub_settings, push.services, verifier) as http:
+    route = request.param == "fastapi-route"
+    async with app_client(pubsub_settings, push.services, verifier, fastapi_route=route) as http:
         yield http
 
 
