@@ -2,9 +2,11 @@
 
 Deletes the named keys (and renews their version tokens, see ``worker.cache``) with
 one MULTI per batch, however many messages and keys the batch holds. A Redis outage
-is waited out here, with the messages' leases extended by the pull source, instead
-of nacking: a nacked invalidation counts a delivery attempt, and after five Pub/Sub
-would dead-letter it and leave a stale key behind until its TTL.
+is waited out here, however long it lasts, with the messages' leases extended by the
+pull source (flow control bounds what is held), instead of nacking: a nacked
+invalidation counts a delivery attempt, and after five Pub/Sub would dead-letter it
+and leave a stale key behind until its TTL. Only shutdown ends the wait (the batch is
+cancelled and its messages nacked for the next process).
 """
 
 from __future__ import annotations
@@ -24,32 +26,32 @@ from worker.handler import BatchOutcome
 
 log = logging.getLogger(__name__)
 
+HOLD_LOG_EVERY_S = 60.0
+
 
 class CacheInvalidationHandler:
     topic = "cache-invalidation"
 
-    def __init__(self, cache: Cache, retry_for_s: float = 45.0) -> None:
+    def __init__(self, cache: Cache) -> None:
         self.cache = cache
-        self.retry_for_s = retry_for_s
 
     def parse(self, payload: dict[str, Any], published_at: datetime) -> CacheInvalidation:
         return validate(CacheInvalidation, payload)
 
     async def apply(self, engine: AsyncEngine, items: Sequence[CacheInvalidation]) -> BatchOutcome:
         keys = sorted({key for item in items for key in item.keys})
-        delay_s, waited_s = 0.1, 0.0
+        delay_s, waited_s, logged_at_s = 0.1, 0.0, None
         while True:
             try:
                 await self.cache.invalidate(keys)
                 return BatchOutcome()
             except CacheUnavailableError as error:
-                if waited_s >= self.retry_for_s:
-                    raise
-                if waited_s == 0:
+                if logged_at_s is None or waited_s - logged_at_s >= HOLD_LOG_EVERY_S:
                     log.warning(
                         "redis unavailable, holding invalidations",
-                        extra={"keys": len(keys), "error": str(error)},
+                        extra={"keys": len(keys), "held_s": round(waited_s), "error": str(error)},
                     )
+                    logged_at_s = waited_s
                 await asyncio.sleep(delay_s)
                 waited_s += delay_s
                 delay_s = min(delay_s * 2, 5.0)

@@ -56,25 +56,38 @@ class _Entry:
 
 
 class Backoff:
-    """A pipeline's pause after transient failures: its source stops hammering a dead database."""
+    """A pipeline's pause after transient failures: its source stops hammering a dead database.
+
+    Batches in flight fail together when the database goes: the pause doubles at most
+    once per pause (ten failures at once are one failure, not a 2**10 pause), and the
+    first success ends it.
+    """
 
     def __init__(self, initial_s: float = 0.25, maximum_s: float = 10.0) -> None:
         self.initial_s = initial_s
         self.maximum_s = maximum_s
         self._delay_s = 0.0
         self._until = 0.0
+        self._resumed = asyncio.Event()
 
     def failed(self) -> None:
+        now = time.monotonic()
+        if now < self._until:
+            return  # already pausing for this outage
         self._delay_s = min(self.maximum_s, max(self.initial_s, self._delay_s * 2))
-        self._until = time.monotonic() + self._delay_s
+        self._until = now + self._delay_s
+        self._resumed.clear()
 
     def succeeded(self) -> None:
         self._delay_s = 0.0
+        self._until = 0.0
+        self._resumed.set()
 
     async def wait(self) -> None:
         remaining = self._until - time.monotonic()
         if remaining > 0:
-            await asyncio.sleep(remaining)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._resumed.wait(), remaining)
 
 
 class TopicPipeline:

@@ -8,8 +8,10 @@ pulls per subscription keep a request always waiting, so latency stays low.
 
 - flow control: at most ``max_outstanding_messages`` and ``max_outstanding_bytes``
   received but not yet settled; pulls wait for room (memory stays bounded);
-- leases: the ack deadline of every unsettled message is extended while its batch is
-  in flight;
+- leases: every unsettled message is extended to ``ack_deadline_s`` before its lease
+  can run out: a new message's lease is taken to be Pub/Sub's minimum (10 s), which
+  no subscription is below, so whatever a subscription's deadline a held message
+  (a batch waiting out an outage, say) never returns to Pub/Sub while we hold it;
 - settlement: acks and nacks are gathered and sent in bulk requests;
 - stop: pulling stops first, then the runtime drains the pipeline, then ``close``
   sends the last acks and nacks.
@@ -46,8 +48,13 @@ class PullSettings:
     max_outstanding_bytes: int = 32 * 1024 * 1024
     pull_timeout_s: float = 2.0
     ack_deadline_s: int = 60
-    lease_extend_every_s: float = 15.0
+    lease_check_every_s: float = 1.0
+    lease_margin_s: float = 5.0
     settle_every_ms: int = 20
+
+
+MIN_ACK_DEADLINE_S = 10
+"""Pub/Sub's smallest ack deadline: a fresh message's lease lasts at least this."""
 
 
 def _publish_time(message: Any) -> datetime:
@@ -67,7 +74,8 @@ class PullSource:
         self.subscription = pubsub.subscription(subscription)
         self.pipeline = pipeline
         self.settings = settings
-        self._outstanding: dict[str, tuple[float, int]] = {}  # ack_id -> (received, bytes)
+        # ack_id -> (monotonic time its lease runs out, bytes)
+        self._outstanding: dict[str, tuple[float, int]] = {}
         self._outstanding_bytes = 0
         # Messages asked for by pulls in flight: concurrent pullers must not each
         # claim the same room, or flow control would allow pullers x the limit.
@@ -174,13 +182,13 @@ class PullSource:
                 self._requested -= asked
                 if self._has_room():
                     self._room.set()
-            now = time.monotonic()
+            leased_until = time.monotonic() + MIN_ACK_DEADLINE_S
             slice_ends = time.perf_counter() + YIELD_EVERY_S
             for received_message in received:
                 message = received_message.message
                 ack_id = received_message.ack_id
                 size = len(message.data)  # what flow control bounds: the payload bytes
-                self._outstanding[ack_id] = (now, size)
+                self._outstanding[ack_id] = (leased_until, size)
                 self._outstanding_bytes += size
                 self.pipeline.submit(
                     Delivery(
@@ -227,16 +235,20 @@ class PullSource:
                 log.warning("settlement failed", extra={"attempt": attempt, "error": str(error)})
 
     async def _lease_loop(self) -> None:
-        every_s = self.settings.lease_extend_every_s
+        every_s = self.settings.lease_check_every_s
+        extend_s = self.settings.ack_deadline_s
         while True:
             await asyncio.sleep(every_s)
-            cutoff = time.monotonic() - every_s
-            due = [ack_id for ack_id, (at, _) in self._outstanding.items() if at <= cutoff]
+            now = time.monotonic()
+            cutoff = now + self.settings.lease_margin_s
+            due = [ack_id for ack_id, (until, _) in self._outstanding.items() if until <= cutoff]
             if not due:
                 continue
             try:
-                await self.pubsub.modify_ack_deadline(
-                    self.subscription, due, self.settings.ack_deadline_s
-                )
+                await self.pubsub.modify_ack_deadline(self.subscription, due, extend_s)
+                for ack_id in due:
+                    held = self._outstanding.get(ack_id)
+                    if held is not None:  # not settled meanwhile
+                        self._outstanding[ack_id] = (now + extend_s, held[1])
             except WorkerError as error:
                 log.warning("lease extension failed", extra={"error": str(error)})

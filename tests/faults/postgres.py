@@ -71,9 +71,12 @@ def quote_ident(name: str) -> str:
 
 async def _run(args: Sequence[str], *, user: str | None, timeout_s: float = 60) -> str:
     """Run a server command (as ``user``); its output, or RuntimeError with it."""
+    # runuser rather than user=: Python must fork (not vfork) to switch users itself,
+    # and a fork runs gRPC's at-fork handlers in the child, which crashed it once
+    # (SIGSEGV before exec) while the test's gRPC threads were busy.
+    command = ["runuser", "-u", user, "--", *args] if user else list(args)
     process = await asyncio.create_subprocess_exec(
-        *args,
-        user=user,
+        *command,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
