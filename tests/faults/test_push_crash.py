@@ -1,0 +1,107 @@
+"""Fault scenario 5: the push server dies mid-run and comes back on its port.
+
+``utxoiq-worker serve`` (``PUSH_AUTH=disabled``: the emulator sends no token) is fed
+by push subscriptions of the emulator, ``cache-invalidation`` included (the Redis
+updater is a push subscription to ``/push/cache-invalidation`` in push mode). While
+phase 1 is published it is SIGKILLed once, with requests in flight, and started
+again on the same port; the emulator retries what got no 204. The verdict of
+``tests/faults/scenario.py`` must hold: 0 lost, 0 applied twice, every poison in its
+dead-letter topic and nothing else there, the Redis invariant once idle.
+
+The emulator pushes through a front (a TCP proxy, as Cloud Run's front end is): while
+``serve`` restarts, new requests wait there instead of being refused. The emulator
+drops, without dead-lettering them, messages whose pushes are refused for more than
+about a second (its own short retry schedule, not the subscription's retry policy),
+which a real push subscription never does; the requests in flight when ``serve``
+dies still fail and are retried.
+
+``FAULT_MESSAGES`` and ``FAULT_SEED`` set the size and the seed (``make soak``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import pytest
+from google.auth.credentials import AnonymousCredentials
+from google.pubsub_v1 import SubscriberAsyncClient
+
+from tests.faults.conftest import FAULT_REDELIVERY
+from tests.faults.postgres import free_port
+from tests.faults.processes import Processes, worker_environment
+from tests.faults.proxy import TcpProxy
+from tests.faults.scenario import Scenario
+from tests.faults.test_crashes import (
+    SEED,
+    at,
+    phase1_for,
+    publishing,
+    stored_state,
+    timeout_for,
+)
+from worker import topology
+from worker.config import Settings
+from worker.pubsub import PubSub, subscription_path
+
+MESSAGES = int(os.environ.get("FAULT_MESSAGES", "2000"))
+SIGKILLED = -signal.SIGKILL
+
+PUSH_PHASE1_S = 12.0
+PUSH_KILL_S = 6.0
+# The emulator pushes about 700 requests/s at best, and every committed batch adds
+# an invalidation push: phase 1 stays well under that.
+PUSH_MAX_RATE_PER_S = 250.0
+
+
+async def push_endpoints(settings: Settings) -> dict[str, str]:
+    """Each worker subscription's push endpoint ("" for a pull subscription)."""
+    subscriber: Any = SubscriberAsyncClient(credentials=AnonymousCredentials())  # type: ignore[no-untyped-call]
+    endpoints = {}
+    for spec in topology.TOPOLOGY:
+        found = await subscriber.get_subscription(
+            subscription=subscription_path(settings.google_cloud_project, spec.subscription)
+        )
+        endpoints[spec.subscription] = found.push_config.push_endpoint
+    return endpoints
+
+
+@pytest.mark.timeout(timeout_for(MESSAGES))
+async def test_scenario_push_server_sigkilled_and_restarted_on_its_port(
+    fault_settings: Settings, fault_pubsub: PubSub, processes: Processes
+) -> None:
+    port = free_port()
+    env = worker_environment(fault_settings)
+    server = await processes.start_server(env, port, name="serve-1")
+    with TcpProxy(port) as front:
+        # The fixture applied a pull topology: the same subscriptions become push ones.
+        endpoint = f"http://127.0.0.1:{front.port}"
+        await topology.apply(fault_settings, push_endpoint=endpoint, redelivery=FAULT_REDELIVERY)
+        assert await push_endpoints(fault_settings) == {
+            spec.subscription: f"{endpoint}/push/{spec.topic}" for spec in topology.TOPOLOGY
+        }
+        phase1_s = phase1_for(MESSAGES, PUSH_PHASE1_S, PUSH_MAX_RATE_PER_S)
+        scenario = Scenario.create(
+            "push-server-killed", fault_settings, fault_pubsub, seed=SEED, messages=MESSAGES
+        )
+        async with scenario.reading(seed=SEED), publishing(scenario, MESSAGES / phase1_s):
+            await at(scenario, phase1_s * PUSH_KILL_S / PUSH_PHASE1_S)
+            assert server.alive, server.log_tail()
+            before_kill, _ = await stored_state(scenario)
+            assert await server.kill() == SIGKILLED
+            # The requests in flight failed with the process; new ones wait at the
+            # front until the server listens again.
+            front.pause()
+            scenario.fault(f"serve SIGKILLed ({before_kill} rows stored)")
+            try:
+                server = await processes.start_server(env, port, name="serve-2")
+            finally:
+                front.resume()
+            scenario.fault("serve started again on the same port")
+
+        verdict = await scenario.verdict()
+    assert server.alive, server.log_tail()
+    verdict.assert_ok()
+    # The first server did take pushes before it died (only it ran until then).
+    assert before_kill > 0
