@@ -6,13 +6,15 @@ PYTHON ?= python3
 UV := $(PYTHON) -m uv
 STACK := deploy/local/with-stack.sh
 SCENARIO ?=
+SOAK_MINUTES ?= 30
 
-.PHONY: help install lint test demo bench bench-tools migrate clean
+.PHONY: help install lint test demo bench bench-tools soak migrate clean
 
 help:
 	@echo "make demo    start the local stack and run the main job on sample data"
 	@echo "make test    lint, type-check and run every test against the real stack"
 	@echo "make bench   benchmarks as JSON lines (SCENARIO=name for one)"
+	@echo "make soak    the fault scenarios again and again for SOAK_MINUTES (default 30)"
 
 # uv itself, then the locked dependencies (never re-resolved: --locked).
 install:
@@ -37,6 +39,10 @@ bench-tools:
 
 bench: install bench-tools
 	$(STACK) $(UV) run --locked python -m bench $(SCENARIO)
+
+# Not part of `make test` nor CI: bigger workloads, a new seed each round, a summary.
+soak: install
+	SOAK_MINUTES=$(SOAK_MINUTES) $(STACK) $(UV) run --locked python -m tests.faults.soak
 
 migrate: install
 	$(UV) run --locked utxoiq-worker migrate
