@@ -10,10 +10,11 @@ dead-letter topic and nothing else there, the Redis invariant once idle.
 
 The emulator pushes through a front (a TCP proxy, as Cloud Run's front end is): while
 ``serve`` restarts, new requests wait there instead of being refused. The emulator
-drops, without dead-lettering them, messages whose pushes are refused for more than
-about a second (its own short retry schedule, not the subscription's retry policy),
-which a real push subscription never does; the requests in flight when ``serve``
-dies still fail and are retried.
+drops messages whose pushes are refused for more than about a second: neither
+delivered once the endpoint is back nor dead-lettered (Pub/Sub would retry them by
+the retry policy and dead-letter them after 5 attempts), so a refused port would
+test the emulator, not ``serve``. The requests in flight when ``serve`` dies still
+fail and are retried.
 
 ``FAULT_MESSAGES`` and ``FAULT_SEED`` set the size and the seed (``make soak``).
 """
@@ -59,11 +60,14 @@ async def push_endpoints(settings: Settings) -> dict[str, str]:
     """Each worker subscription's push endpoint ("" for a pull subscription)."""
     subscriber: Any = SubscriberAsyncClient(credentials=AnonymousCredentials())  # type: ignore[no-untyped-call]
     endpoints = {}
-    for spec in topology.TOPOLOGY:
-        found = await subscriber.get_subscription(
-            subscription=subscription_path(settings.google_cloud_project, spec.subscription)
-        )
-        endpoints[spec.subscription] = found.push_config.push_endpoint
+    try:
+        for spec in topology.TOPOLOGY:
+            found = await subscriber.get_subscription(
+                subscription=subscription_path(settings.google_cloud_project, spec.subscription)
+            )
+            endpoints[spec.subscription] = found.push_config.push_endpoint
+    finally:
+        await subscriber.transport.close()
     return endpoints
 
 
