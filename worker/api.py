@@ -39,7 +39,7 @@ from worker.oidc import PushVerifier
 from worker.pipeline import BatchSettings
 from worker.pubsub import PubSub
 from worker.push import PushIngest
-from worker.push_endpoint import PushEndpoint, answer, push_topic
+from worker.push_endpoint import PushEndpoint, answer, push_topic, read_capped
 from worker.telemetry import Telemetry, create_telemetry
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ def create_app(
         # Served by PushEndpoint in front of the app; this route documents it.
 
         async def read_body(limit: int) -> bytes | None:
-            return await _read_capped(request, limit)
+            return await read_capped(request.receive, limit)
 
         reply = await answer(_services(request).push, push_auth, topic, request.headers, read_body)
         if reply.error is None:
@@ -285,18 +285,6 @@ def create_app(
 
     app.push_endpoint = PushEndpoint(lambda: _services_of(app).push, push_auth)
     return app
-
-
-async def _read_capped(request: Request, limit: int) -> bytes | None:
-    """The body, or None as soon as it exceeds ``limit``."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _json(text: str) -> Response:

@@ -78,6 +78,21 @@ async def answer(
     return PushReply(503, "unavailable", "not committed; retry")
 
 
+async def read_capped(receive: Receive, limit: int) -> bytes | None:
+    """The ASGI request body, or None as soon as more than ``limit`` bytes arrived."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        event = await receive()
+        chunk = event.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not event.get("more_body", False):
+            return b"".join(chunks)
+
+
 def push_topic(scope: Scope) -> str | None:
     """The topic of a ``POST /push/{topic}`` request; None for any other request."""
     if scope["type"] != "http" or scope["method"] != "POST":
@@ -108,17 +123,7 @@ class PushEndpoint:
         }
 
         async def read_body(limit: int) -> bytes | None:
-            chunks: list[bytes] = []
-            size = 0
-            while True:
-                event = await receive()
-                chunk = event.get("body", b"")
-                size += len(chunk)
-                if size > limit:
-                    return None
-                chunks.append(chunk)
-                if not event.get("more_body", False):
-                    return b"".join(chunks)
+            return await read_capped(receive, limit)
 
         reply = await answer(self.push(), self.verifier, topic, headers, read_body)
         body = reply.body()
