@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import registry
 
 from bench.common import asyncpg_dsn, fresh_database, median_rate, report
-from handlers.metrics import MetricsMessage, create_partitions, sample_identity
+from handlers.metrics import create_partitions, sample_identity, samples_message
 from handlers.service import DatabaseService
 from handlers.tables import insight_feedback
 from schemas.feedback import FeedbackEvent
@@ -82,7 +82,7 @@ async def run() -> None:
     try:
         samples = _samples(now)
         messages = [
-            MetricsMessage(tuple(samples[i : i + BATCH]), now)
+            samples_message(tuple(samples[i : i + BATCH]), now)
             for i in range(0, len(samples), BATCH)
         ]
         records = [

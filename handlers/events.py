@@ -7,12 +7,13 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import orjson
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
 
 from worker.exceptions import SchemaViolationError
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 
 def event_key(event: BaseModel) -> bytes:
@@ -36,8 +37,20 @@ def validate(model: type[M], payload: Any) -> M:
     try:
         return model.model_validate(payload)
     except PydanticValidationError as error:
-        problems = []
-        for problem in error.errors(include_url=False, include_input=False):
-            field = ".".join(str(part) for part in problem["loc"]) or "payload"
-            problems.append(f"{field}: {problem['msg']}")
-        raise SchemaViolationError("; ".join(problems)) from None
+        raise _violation(error) from None
+
+
+def validate_fields(adapter: TypeAdapter[T], payload: Any) -> T:
+    """``validate`` for a payload checked into plain data (a typed dict)."""
+    try:
+        return adapter.validate_python(payload)
+    except PydanticValidationError as error:
+        raise _violation(error) from None
+
+
+def _violation(error: PydanticValidationError) -> SchemaViolationError:
+    problems = []
+    for problem in error.errors(include_url=False, include_input=False):
+        field = ".".join(str(part) for part in problem["loc"]) or "payload"
+        problems.append(f"{field}: {problem['msg']}")
+    return SchemaViolationError("; ".join(problems))

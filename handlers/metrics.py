@@ -14,25 +14,29 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from operator import itemgetter
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import asyncpg
 import orjson
 from sqlalchemy import func, literal_column, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from handlers.events import validate
+from handlers.events import validate_fields
 from handlers.tables import system_metrics
 from schemas.metrics import (
-    JsonObject,
+    BATCH_FIELDS,
+    FUTURE_ERROR,
+    SAMPLE_FIELDS,
     MetricAggregate,
     MetricPoint,
     MetricRecord,
     MetricSample,
-    MetricsBatch,
+    SampleFields,
+    canonical_metadata,
+    future_limit,
 )
 from worker.db import driver_connection, transaction
-from worker.exceptions import QueryError, ValidationError
+from worker.exceptions import QueryError, SchemaViolationError, ValidationError
 from worker.handler import BatchOutcome
 
 RECENT_TTL_S = 300
@@ -50,75 +54,111 @@ def sample_identity(sample: MetricSample) -> uuid.UUID:
     """``event_id``, or the UUIDv5 of the sample's canonical JSON."""
     if sample.event_id is not None:
         return sample.event_id
-    return uuid.uuid5(IDENTITY_NAMESPACE, canonical_sample_json(sample))
+    metadata = None if sample.metadata is None else canonical_metadata(sample.metadata)
+    return _derived_identity(
+        sample.service_name,
+        sample.metric_type,
+        sample.metric_value,
+        sample.unit,
+        sample.timestamp,
+        metadata,
+    )
 
 
-def canonical_sample_json(sample: MetricSample) -> str:
-    """The sample's canonical JSON: a fixed-order array of its fields.
+def _derived_identity(
+    service_name: str,
+    metric_type: str,
+    metric_value: float,
+    unit: str,
+    timestamp: datetime | None,
+    metadata: str | None,
+) -> uuid.UUID:
+    """The UUIDv5 of a sample's canonical JSON: a fixed-order array of its fields.
 
     ``[service_name, metric_type, metric_value, unit, timestamp in UTC or null,
     metadata with sorted keys or null]``, compact. Equal samples give equal text
     however their JSON was laid out, and an array needs no key sorting.
     """
-    timestamp = None if sample.timestamp is None else sample.timestamp.astimezone(UTC)
-    head = orjson.dumps(
-        [sample.service_name, sample.metric_type, sample.metric_value, sample.unit, timestamp]
-    ).decode("utf-8")
-    metadata = _metadata_text(sample)
-    return head[:-1] + "," + ("null" if metadata is None else metadata) + "]"
-
-
-def _metadata_text(sample: MetricSample) -> str | None:
-    metadata = sample.metadata
-    if metadata is None:
-        return None
-    if isinstance(metadata, JsonObject):
-        return metadata.canonical
-    return orjson.dumps(metadata, option=orjson.OPT_SORT_KEYS).decode("utf-8")
-
-
-@dataclass(frozen=True)
-class MetricsMessage:
-    """The samples of one message, with the publish time their timestamps default to."""
-
-    samples: tuple[MetricSample, ...]
-    published_at: datetime
+    utc_timestamp = None if timestamp is None else timestamp.astimezone(UTC)
+    head = orjson.dumps([service_name, metric_type, metric_value, unit, utc_timestamp])
+    text = head[:-1].decode("utf-8") + "," + ("null" if metadata is None else metadata) + "]"
+    return uuid.uuid5(IDENTITY_NAMESPACE, text)
 
 
 _Row = tuple[uuid.UUID, str, str, float, str, datetime, "str | None"]
 """(id, service_name, metric_type, metric_value, unit, timestamp, metadata JSON)."""
 
+
+@dataclass(frozen=True)
+class MetricsMessage:
+    """The rows of one message's samples: identity decided, timestamp defaulted to
+    the publish time, metadata as canonical JSON text."""
+
+    rows: tuple[_Row, ...]
+
+
+def message_rows(
+    samples: Sequence[SampleFields], published_at: datetime, path: str | None
+) -> MetricsMessage:
+    """Check the rules pydantic's core left to us (future limit, metadata) and build
+    the rows, in one pass. A violation names its field: ``path``, the sample's index
+    and the field, or the field alone when ``path`` is None (a single sample)."""
+
+    def refuse(index: int, field: str, problem: str) -> SchemaViolationError:
+        where = field if path is None else f"{path}{index}.{field}"
+        return SchemaViolationError(f"{where}: {problem}")
+
+    limit = future_limit()
+    rows: list[_Row] = []
+    for index, sample in enumerate(samples):
+        timestamp = sample.get("timestamp")
+        if timestamp is not None and timestamp > limit:
+            raise refuse(index, "timestamp", FUTURE_ERROR)
+        metadata_object, metadata = sample.get("metadata"), None
+        if metadata_object is not None:
+            try:
+                metadata = canonical_metadata(metadata_object)
+            except ValueError as error:
+                raise refuse(index, "metadata", str(error)) from None
+        service_name, metric_type = sample["service_name"], sample["metric_type"]
+        metric_value, unit = sample["metric_value"], sample["unit"]
+        identity = sample.get("event_id") or _derived_identity(
+            service_name, metric_type, metric_value, unit, timestamp, metadata
+        )
+        rows.append(
+            (
+                identity,
+                service_name,
+                metric_type,
+                metric_value,
+                unit,
+                timestamp or published_at,
+                metadata,
+            )
+        )
+    return MetricsMessage(tuple(rows))
+
+
+def samples_message(samples: Iterable[MetricSample], published_at: datetime) -> MetricsMessage:
+    """The rows of samples validated as models (the service API's path)."""
+    fields = [cast(SampleFields, s.model_dump(exclude_none=True)) for s in samples]
+    return message_rows(fields, published_at, "")
+
+
 # Column getters that run in C, for the per-row passes over a batch.
 _ID, _TIMESTAMP, _SERIES = itemgetter(0), itemgetter(5), itemgetter(1, 2)
 
 
-def _rows(messages: Iterable[MetricsMessage]) -> list[_Row]:
-    """The batch's distinct samples as rows, ordered by identity.
+def _rows(messages: Sequence[MetricsMessage]) -> list[_Row]:
+    """The batch's distinct rows, ordered by identity.
 
     The fixed order makes concurrent batches take their index locks in the same
-    order (no deadlocks); plain tuples keep the per-row Python work small, since a
-    batch may hold 500 000 samples' worth of messages.
+    order (no deadlocks). Keyed by the identity's integer: a plain attribute, where
+    hashing a UUID runs Python code; integers sort in the same order as bytes.
+    Reversed, so that of duplicates inside the batch the first one stays.
     """
-    # Keyed by the identity's integer: a plain attribute, where hashing a UUID or
-    # reading its bytes runs Python code; integers sort in the same order as bytes.
-    # setdefault keeps the first of duplicates inside the batch.
-    rows: dict[int, _Row] = {}
-    for message in messages:
-        published_at = message.published_at
-        for s in message.samples:
-            identity = s.event_id or sample_identity(s)
-            rows.setdefault(
-                identity.int,
-                (
-                    identity,
-                    s.service_name,
-                    s.metric_type,
-                    s.metric_value,
-                    s.unit,
-                    s.timestamp or published_at,
-                    None if s.metadata is None else _metadata_text(s),
-                ),
-            )
+    every = [row for message in reversed(messages) for row in reversed(message.rows)]
+    rows = {row[0].int: row for row in every}
     return [rows[key] for key in sorted(rows)]
 
 
@@ -299,9 +339,9 @@ class MetricsHandler:
     def parse(self, payload: dict[str, Any], published_at: datetime) -> MetricsMessage:
         if "metrics" in payload:
             # All or nothing: one bad sample refuses the whole message.
-            samples = validate(MetricsBatch, payload).metrics
-            return MetricsMessage(tuple(samples), published_at)
-        return MetricsMessage((validate(MetricSample, payload),), published_at)
+            samples = validate_fields(BATCH_FIELDS, payload)["metrics"]
+            return message_rows(samples, published_at, "metrics.")
+        return message_rows([validate_fields(SAMPLE_FIELDS, payload)], published_at, None)
 
     async def apply(self, engine: AsyncEngine, items: Sequence[MetricsMessage]) -> BatchOutcome:
         rows = _rows(items)

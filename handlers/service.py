@@ -183,7 +183,7 @@ class DatabaseService:
         return metrics.sample_identity(sample)
 
     async def record_metrics_batch(self, samples: Sequence[MetricSample]) -> list[uuid.UUID]:
-        message = metrics.MetricsMessage(tuple(samples), _now())
+        message = metrics.samples_message(samples, _now())
         await self.apply_metric_messages([message])
         return [metrics.sample_identity(s) for s in samples]
 

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from handlers.metrics import MetricsMessage, sample_identity
+from handlers.metrics import sample_identity, samples_message
 from handlers.service import DatabaseService
 from schemas.metrics import MetricAggregate, MetricRecord, MetricSample
 from tests.factories import T0, at, sample
@@ -99,13 +99,13 @@ async def test_messages_duplicates_inside_one_apply(
 ) -> None:
     a, b = sample(metric_value=1.0), sample(metric_value=2.0)
     outcome = await db.apply_metric_messages(
-        [MetricsMessage((a, b), T0), MetricsMessage((b, a, a), T0), MetricsMessage((a,), T0)]
+        [samples_message((a, b), T0), samples_message((b, a, a), T0), samples_message((a,), T0)]
     )
     assert outcome.failures == {}
     assert outcome.cache_keys == frozenset({"metrics:web-api:cpu:recent"})
     assert await count(engine) == 2
     # A redelivery writes nothing but still names its keys (invalidation is at least once).
-    again = await db.apply_metric_messages([MetricsMessage((a,), T0)])
+    again = await db.apply_metric_messages([samples_message((a,), T0)])
     assert again.cache_keys == frozenset({"metrics:web-api:cpu:recent"})
     assert await count(engine) == 2
 
@@ -113,12 +113,12 @@ async def test_messages_duplicates_inside_one_apply(
 async def test_sample_without_timestamp_uses_the_publish_time(db: DatabaseService) -> None:
     published = datetime(2026, 10, 3, 4, 5, 6, 789000, tzinfo=UTC)
     s = sample(timestamp=None, service_name="svc")
-    await db.apply_metric_messages([MetricsMessage((s,), published)])
+    await db.apply_metric_messages([samples_message((s,), published)])
     [row] = await db.get_metrics("svc")
     assert row.timestamp == published
 
     # The same sample published again is the same sample: stored once, first time kept.
-    await db.apply_metric_messages([MetricsMessage((s,), published + timedelta(minutes=1))])
+    await db.apply_metric_messages([samples_message((s,), published + timedelta(minutes=1))])
     assert [r.timestamp for r in await db.get_metrics("svc")] == [published]
 
 
@@ -132,7 +132,7 @@ async def test_record_metric_without_timestamp_is_stamped_now(db: DatabaseServic
 
 async def test_mixed_batch_with_and_without_timestamps(db: DatabaseService) -> None:
     published = at(30)
-    message = MetricsMessage(
+    message = samples_message(
         (sample(timestamp=at(1), metric_value=1.0), sample(timestamp=None, metric_value=2.0)),
         published,
     )
@@ -255,7 +255,7 @@ async def test_unreachable_database_is_a_transient_connection_error(
             lambda: db.list_backfill_jobs(),
             lambda: db.get_metrics("web-api"),
             lambda: db.record_metric(sample()),
-            lambda: db.apply_metric_messages([MetricsMessage((sample(),), T0)]),
+            lambda: db.apply_metric_messages([samples_message((sample(),), T0)]),
             lambda: db.apply_backfill_events([]),
         ]
         for call in calls:

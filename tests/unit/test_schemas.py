@@ -17,7 +17,7 @@ from asyncpg.pgproto import pgproto
 from pydantic import BaseModel
 
 from handlers.events import event_key, validate
-from handlers.metrics import IDENTITY_NAMESPACE, sample_identity
+from handlers.metrics import IDENTITY_NAMESPACE, MetricsHandler, sample_identity, samples_message
 from schemas.backfill import MAX_BLOCK, BackfillProgressEvent
 from schemas.feedback import FeedbackEvent
 from schemas.metrics import MetricSample, MetricsBatch
@@ -58,6 +58,15 @@ BAD_TIMESTAMPS = [
 def assert_rejected(model: type[BaseModel], payload: Any, names: str) -> None:
     with pytest.raises(SchemaViolationError) as caught:
         validate(model, payload)
+    assert caught.value.reason == "schema_violation"
+    assert names in caught.value.detail, caught.value.detail
+
+
+def assert_message_rejected(payload: Any, names: str) -> None:
+    """The metrics message path (typed dicts, then the handler's own checks) refuses
+    what the models refuse, naming the same field."""
+    with pytest.raises(SchemaViolationError) as caught:
+        MetricsHandler().parse(payload, datetime.now(UTC))
     assert caught.value.reason == "schema_violation"
     assert names in caught.value.detail, caught.value.detail
 
@@ -345,11 +354,26 @@ def test_metric_valid(changes: dict[str, Any]) -> None:
             assert getattr(sample, name) is None
         elif name in ("service_name", "metric_type", "unit", "metadata", "metric_value"):
             assert getattr(sample, name) == value
+    # The message path accepts it too, with the same identity, with or without event_id.
+    published_at = datetime.now(UTC)
+    for payload in (
+        with_(metric_payload(), **changes),
+        with_(with_(metric_payload(), **changes), event_id=MISSING),
+    ):
+        model = validate(MetricSample, payload)
+        for message in (
+            MetricsHandler().parse(payload, published_at),
+            MetricsHandler().parse({"metrics": [payload]}, published_at),
+        ):
+            (row,) = message.rows
+            assert row == samples_message([model], published_at).rows[0]
+            assert row[0] == sample_identity(model)
 
 
 @pytest.mark.parametrize("field", ["service_name", "metric_type", "metric_value", "unit"])
 def test_metric_required_field_missing(field: str) -> None:
     assert_rejected(MetricSample, with_(metric_payload(), **{field: MISSING}), field)
+    assert_message_rejected(with_(metric_payload(), **{field: MISSING}), field)
 
 
 @pytest.mark.parametrize(
@@ -382,17 +406,23 @@ def test_metric_required_field_missing(field: str) -> None:
 )
 def test_metric_rejected(changes: dict[str, Any], names: str) -> None:
     assert_rejected(MetricSample, with_(metric_payload(), **changes), names)
+    assert_message_rejected(with_(metric_payload(), **changes), names)
+    batch = {"metrics": [metric_payload(), with_(metric_payload(), **changes)]}
+    assert_message_rejected(batch, f"metrics.1.{names}")
 
 
 @pytest.mark.parametrize("value", BAD_TIMESTAMPS)
 def test_metric_bad_timestamp(value: Any) -> None:
     assert_rejected(MetricSample, metric_payload(timestamp=value), "timestamp")
+    assert_message_rejected(metric_payload(timestamp=value), "timestamp")
 
 
 @pytest.mark.parametrize("count", [1, 1000])
 def test_metrics_batch_sizes_accepted(count: int) -> None:
     batch = validate(MetricsBatch, {"metrics": [anon_metric()] * count})
     assert len(batch.metrics) == count
+    message = MetricsHandler().parse({"metrics": [anon_metric()] * count}, datetime.now(UTC))
+    assert len(message.rows) == count
 
 
 @pytest.mark.parametrize(
@@ -412,6 +442,8 @@ def test_metrics_batch_sizes_accepted(count: int) -> None:
 )
 def test_metrics_batch_rejected(payload: dict[str, Any], names: str) -> None:
     assert_rejected(MetricsBatch, payload, names)
+    if "metrics" in payload:  # without it, a message is a single sample
+        assert_message_rejected(payload, names)
 
 
 # -- every payload -----------------------------------------------------------------------
