@@ -7,7 +7,7 @@ Each round runs every fault scenario (the tests named ``test_scenario_*`` under
 set; the scenarios read both, so a round is a new workload and, where the seed
 places the faults, a new fault timeline. Rounds start until ``--minutes`` have
 passed (the last one runs to its end). Each scenario's verdict line
-(``fault scenario {...}``) is printed as it comes, then a summary: rounds, scenario
+(``fault scenario {...}``) is printed as it comes, then a summary: minutes, rounds, scenario
 runs, messages, faults, and the totals of everything that must be 0. The exit code
 is 1 if any total is not 0 or any pytest run failed (its output is shown then).
 
@@ -50,6 +50,7 @@ OUTPUT_SHOWN_LINES = 200
 @dataclass
 class Tally:
     rounds: int = 0
+    elapsed_s: float = 0.0
     runs: int = 0
     messages: int = 0
     faults: int = 0
@@ -71,6 +72,7 @@ class Tally:
     def summary(self) -> dict[str, Any]:
         return {
             "soak": "ok" if self.ok else "FAILED",
+            "minutes": round(self.elapsed_s / 60, 1),
             "rounds": self.rounds,
             "scenario_runs": self.runs,
             "messages": self.messages,
@@ -127,7 +129,8 @@ def run_round(seed: int, messages: int, selection: str) -> tuple[int, list[str]]
 
 def soak(minutes: float, messages: int, first_seed: int, selection: str) -> Tally:
     tally = Tally()
-    deadline = time.monotonic() + minutes * 60
+    started = time.monotonic()
+    deadline = started + minutes * 60
     while tally.rounds == 0 or time.monotonic() < deadline:
         seed = first_seed + tally.rounds
         tally.rounds += 1
@@ -141,6 +144,7 @@ def soak(minutes: float, messages: int, first_seed: int, selection: str) -> Tall
             tally.failed_rounds.append(tally.rounds)
             print("\n".join(lines[-OUTPUT_SHOWN_LINES:]), flush=True)
             print(f"soak round {tally.rounds}: pytest exited {code}", flush=True)
+        tally.elapsed_s = time.monotonic() - started
     return tally
 
 
