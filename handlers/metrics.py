@@ -223,18 +223,47 @@ METRIC_COLUMNS = (
 )
 
 
+# A small batch (pushes, a trickle of messages) goes in one statement instead: claim
+# and wide insert in one round trip, where claim plus COPY take three. Measured per
+# batch on this machine kind: 20 rows 1.25 against 1.43 ms, 60 rows 1.98 against
+# 2.09 ms; from 200 rows on the two are even, and at 20k rows COPY is ahead.
+CLAIM_AND_INSERT_SQL = """
+WITH claimed AS (
+    INSERT INTO system_metric_ids (id, "timestamp")
+    SELECT * FROM unnest($1::uuid[], $2::timestamptz[])
+    ON CONFLICT ON CONSTRAINT pk_system_metric_ids DO NOTHING
+    RETURNING id
+)
+INSERT INTO system_metrics
+    (id, service_name, metric_type, metric_value, unit, "timestamp", metadata)
+SELECT r.id, r.service_name, r.metric_type, r.metric_value, r.unit, r.ts, r.metadata::jsonb
+FROM unnest($1::uuid[], $3::text[], $4::text[], $5::float8[], $6::text[], $2::timestamptz[],
+            $7::text[]) AS r(id, service_name, metric_type, metric_value, unit, ts, metadata)
+JOIN claimed USING (id)
+"""
+
+COPY_FROM_ROWS = 200
+"""Batches of at least this many rows are written by claim plus COPY."""
+
+
 async def write(conn: AsyncConnection, rows: Sequence[_Row]) -> None:
-    """Store every new sample identity of the batch: identities claimed, new rows copied.
+    """Store every new sample identity of the batch: identities claimed, new rows
+    inserted (one statement) or copied (a large batch).
 
     Raises ``MissingPartitionError`` when a row's month has no partition.
     """
     if not rows:
         return
     driver = await driver_connection(conn)
+    ids, timestamps = list(map(_ID, rows)), list(map(_TIMESTAMP, rows))
     try:
-        claimed = await driver.fetch(
-            CLAIM_IDENTITIES_SQL, list(map(_ID, rows)), list(map(_TIMESTAMP, rows))
-        )
+        if len(rows) < COPY_FROM_ROWS:
+            _, services, kinds, values, units, _, metadata = zip(*rows, strict=True)
+            await driver.execute(
+                CLAIM_AND_INSERT_SQL, ids, timestamps, services, kinds, values, units, metadata
+            )
+            return
+        claimed = await driver.fetch(CLAIM_IDENTITIES_SQL, ids, timestamps)
         if len(claimed) < len(rows):
             # Some were stored before (a redelivery): only the claimed ones go on.
             fresh = {record[0].int for record in claimed}

@@ -20,6 +20,7 @@ import pytest_asyncio
 from sqlalchemy import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+import handlers.metrics
 from handlers.service import DatabaseService
 from worker import topology
 from worker.config import Settings
@@ -222,3 +223,12 @@ async def pubsub(pubsub_settings: Settings) -> AsyncIterator[PubSub]:
         yield client
     finally:
         await client.close()
+
+
+@pytest.fixture(params=["one-statement", "copy"])
+def metrics_write_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a metrics test through each write path: small batches go in one statement,
+    large ones by claim plus COPY (``handlers.metrics.COPY_FROM_ROWS``)."""
+    path: str = request.param
+    monkeypatch.setattr(handlers.metrics, "COPY_FROM_ROWS", 1 if path == "copy" else 10**9)
+    return path

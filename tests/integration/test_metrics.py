@@ -20,6 +20,8 @@ from worker.config import Settings
 from worker.db import create_engine
 from worker.exceptions import ConnectionError, ValidationError
 
+pytestmark = pytest.mark.usefixtures("metrics_write_path")
+
 
 async def count(engine: AsyncEngine, table: str = "system_metrics") -> int:
     async with engine.connect() as conn:

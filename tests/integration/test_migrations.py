@@ -135,6 +135,7 @@ async def test_partitions_ahead_never_skip_a_month(
     assert present == expected
 
 
+@pytest.mark.usefixtures("metrics_write_path")
 async def test_sample_in_a_month_without_partition_is_stored(
     engine: AsyncEngine, db: DatabaseService
 ) -> None:
@@ -160,6 +161,7 @@ async def test_sample_in_a_month_without_partition_is_stored(
     )
 
 
+@pytest.mark.usefixtures("metrics_write_path")
 async def test_partition_bounds_are_utc_months(engine: AsyncEngine, db: DatabaseService) -> None:
     # 23:30 on the last day of March at -05:00 is April in UTC.
     last_minute = datetime(2011, 3, 31, 23, 30, tzinfo=UTC) - timedelta(hours=-5)
@@ -195,6 +197,7 @@ async def test_concurrent_ensure_of_the_same_new_month(engine: AsyncEngine) -> N
     assert {partition_name(2012, m) for m in range(1, 13)} <= present
 
 
+@pytest.mark.usefixtures("metrics_write_path")
 async def test_dropped_partition_is_recreated(engine: AsyncEngine, db: DatabaseService) -> None:
     moment = datetime(2011, 6, 1, tzinfo=UTC)
     await db.record_metric(sample(timestamp=moment, metric_value=1.0))
