@@ -9,6 +9,7 @@ ones that were new go on into ``system_metrics``.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ RECENT_LIMIT = 100
 
 # Fixed forever: changing it would give every republished sample a new identity.
 IDENTITY_NAMESPACE = uuid.UUID("4c0b6a58-5d8e-4f6b-9a1e-2b7f0c3d9e10")
+_NAMESPACE_BYTES = IDENTITY_NAMESPACE.bytes
 
 
 def recent_cache_key(service_name: str, metric_type: str) -> str:
@@ -81,8 +83,11 @@ def _derived_identity(
     """
     utc_timestamp = None if timestamp is None else timestamp.astimezone(UTC)
     head = orjson.dumps([service_name, metric_type, metric_value, unit, utc_timestamp])
-    text = head[:-1].decode("utf-8") + "," + ("null" if metadata is None else metadata) + "]"
-    return uuid.uuid5(IDENTITY_NAMESPACE, text)
+    tail = b"null]" if metadata is None else metadata.encode("utf-8") + b"]"
+    # uuid.uuid5 itself, without its per-call namespace.bytes and str round trip
+    # (half its cost; every sample without an event_id pays it).
+    digest = hashlib.sha1(_NAMESPACE_BYTES + head[:-1] + b"," + tail).digest()
+    return uuid.UUID(bytes=digest[:16], version=5)
 
 
 _Row = tuple[uuid.UUID, str, str, float, str, datetime, "str | None"]
