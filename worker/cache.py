@@ -5,7 +5,7 @@ commits, the invalidation deletes the key, and then the reader writes its old va
 back, stale until the TTL. Closed here with a version token per key:
 
 - ``invalidate`` sets ``cache-version:{key}`` to a fresh random token and deletes the
-  key, in one MULTI;
+  key, atomically (a Lua script);
 - a reader fetches the value and the token in one MGET; on a miss it loads from the
   database and fills the key with a Lua compare-and-set that writes only if the token
   is still the one it saw. An invalidation between its fetch and its fill changed the
@@ -26,7 +26,6 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
 
 from redis import asyncio as aioredis
 from redis.exceptions import MaxConnectionsError, RedisError
@@ -50,6 +49,23 @@ if (current == false and ARGV[3] == '') or current == ARGV[3] then
 end
 return 0
 """
+
+
+# KEYS: n keys, then their n version keys. ARGV: a fresh random token, the version TTL.
+# Each key gets the token plus its index (unique, so still no ABA), then loses its
+# value; one call for a whole chunk, where a MULTI of per-key commands cost the
+# client several microseconds a key to build.
+_INVALIDATE = """
+local n = #KEYS / 2
+for i = 1, n do
+    redis.call('SET', KEYS[n + i], ARGV[1] .. ':' .. i, 'EX', ARGV[2])
+    redis.call('DEL', KEYS[i])
+end
+return n
+"""
+
+INVALIDATE_CHUNK_KEYS = 1000
+"""Keys per script call: bounds how long one call holds Redis."""
 
 
 class CacheUnavailableError(WorkerError):
@@ -78,6 +94,7 @@ class Cache:
         self.breaker_s = breaker_s
         self._down_until = 0.0
         self._fill = redis.register_script(_FILL_IF_UNCHANGED)
+        self._invalidate = redis.register_script(_INVALIDATE)
 
     def _available(self) -> bool:
         return time.monotonic() >= self._down_until
@@ -152,17 +169,17 @@ class Cache:
         return fresh
 
     async def invalidate(self, keys: Sequence[str]) -> None:
-        """New version tokens and deleted values for ``keys``, in one round trip."""
-        if not keys:
-            return
-        pipe: Any = self.redis.pipeline(transaction=True)
-        for key in keys:
-            pipe.set(version_key(key), uuid.uuid4().hex, ex=VERSION_TTL_S)
-        pipe.delete(*keys)
-        try:
-            await pipe.execute()
-        except (RedisError, OSError) as error:
-            raise CacheUnavailableError(f"redis unavailable: {error}") from error
+        """New version tokens and deleted values for ``keys``, each key atomically
+        (one script call per ``INVALIDATE_CHUNK_KEYS`` keys)."""
+        for start in range(0, len(keys), INVALIDATE_CHUNK_KEYS):
+            chunk = list(keys[start : start + INVALIDATE_CHUNK_KEYS])
+            try:
+                await self._invalidate(
+                    keys=chunk + [version_key(key) for key in chunk],
+                    args=[uuid.uuid4().hex, VERSION_TTL_S],
+                )
+            except (RedisError, OSError) as error:
+                raise CacheUnavailableError(f"redis unavailable: {error}") from error
         self._down_until = 0.0
 
     async def ping(self) -> bool:

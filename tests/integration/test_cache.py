@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+import worker.cache
 from handlers.backfill import job_cache_key
 from handlers.feedback import stats_cache_key
 from handlers.metrics import recent_cache_key
@@ -135,7 +136,7 @@ async def test_get_or_load_does_not_cache_none(rdb: RedisDb, cache: Cache) -> No
     assert await rdb.redis.get(key) == "{}"
 
 
-async def test_invalidate_renews_tokens_and_deletes_many_keys_in_one_transaction(
+async def test_invalidate_renews_tokens_and_deletes_many_keys_in_a_few_script_calls(
     rdb: RedisDb, cache: Cache, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     keys = [f"feedback:stats:many-{i}" for i in range(50)]
@@ -146,26 +147,21 @@ async def test_invalidate_renews_tokens_and_deletes_many_keys_in_one_transaction
     for key in keys[:10]:
         await cache.set(key, "cached", 300)
 
-    pipelines: list[dict[str, Any]] = []
-    direct: list[tuple[Any, ...]] = []
-    original_pipeline: Any = cache.redis.pipeline
+    sent: list[tuple[Any, ...]] = []
     original_execute: Any = cache.redis.execute_command
 
-    def pipeline(*args: Any, **kwargs: Any) -> Any:
-        pipelines.append({"args": args, **kwargs})
-        return original_pipeline(*args, **kwargs)
-
     async def execute_command(*args: Any, **options: Any) -> Any:
-        direct.append(args)
+        sent.append(args)
         return await original_execute(*args, **options)
 
-    monkeypatch.setattr(cache.redis, "pipeline", pipeline)
+    monkeypatch.setattr(worker.cache, "INVALIDATE_CHUNK_KEYS", 20)
     monkeypatch.setattr(cache.redis, "execute_command", execute_command)
     await cache.invalidate(keys)
     monkeypatch.undo()
 
-    assert pipelines == [{"args": (), "transaction": True}], "one MULTI for the whole call"
-    assert direct == [], "no command outside the transaction"
+    # One atomic script call per chunk of keys: 20 + 20 + 10.
+    assert [args[0] for args in sent] == ["EVALSHA"] * 3
+    assert [args[2] for args in sent] == [40, 40, 20], "each key and its version key"
     assert await rdb.redis.exists(*keys) == 0
     tokens_after = await rdb.redis.mget([version_key(k) for k in keys])
     assert all(isinstance(t, str) and t for t in tokens_after)
