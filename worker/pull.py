@@ -35,6 +35,8 @@ from worker.pubsub import PubSub
 log = logging.getLogger(__name__)
 
 MAX_PULL_MESSAGES = 1000
+FIRST_PULL_MESSAGES = 100
+"""Asked for while no message size is known yet (bounds the first pull's bytes)."""
 
 
 YIELD_EVERY_S = 0.005
@@ -80,6 +82,9 @@ class PullSource:
         # Messages asked for by pulls in flight: concurrent pullers must not each
         # claim the same room, or flow control would allow pullers x the limit.
         self._requested = 0
+        # Pull has no byte limit: a pull of 1000 messages of 100 KB brings 100 MB. Pulls
+        # ask for as many messages as the bytes left hold at the average size so far.
+        self._average_size = 0.0
         self._room = asyncio.Event()
         self._room.set()
         self._acks: list[str] = []
@@ -109,11 +114,38 @@ class PullSource:
         if self._has_room():
             self._room.set()
 
-    def _has_room(self) -> bool:
-        return (
-            len(self._outstanding) + self._requested < self.settings.max_outstanding_messages
-            and self._outstanding_bytes < self.settings.max_outstanding_bytes
+    def _messages_to_ask(self) -> int:
+        """What the next pull may ask for: within the message limit, and within the
+        byte limit at the average message size (concurrent pulls included)."""
+        room = self.settings.max_outstanding_messages - len(self._outstanding) - self._requested
+        if self._average_size == 0:
+            return max(1, min(FIRST_PULL_MESSAGES, room))
+        expected_bytes = self._outstanding_bytes + self._requested * self._average_size
+        bytes_room = int(
+            (self.settings.max_outstanding_bytes - expected_bytes) / self._average_size
         )
+        return max(1, min(MAX_PULL_MESSAGES, room, bytes_room))
+
+    def _has_room(self) -> bool:
+        if len(self._outstanding) + self._requested >= self.settings.max_outstanding_messages:
+            return False
+        if self._average_size == 0:
+            # No size known until a pull brings messages: one pull at a time till then.
+            return (
+                self._requested == 0
+                and self._outstanding_bytes < self.settings.max_outstanding_bytes
+            )
+        expected_bytes = self._outstanding_bytes + self._requested * self._average_size
+        return expected_bytes < self.settings.max_outstanding_bytes
+
+    def _learn_size(self, received: list[Any]) -> None:
+        size = max(1.0, sum(len(r.message.data) for r in received) / len(received))
+        if self._average_size == 0:
+            self._average_size = size
+        else:
+            # Weighted by how many came: a pull of 1000 outweighs a pull of one.
+            weight = max(0.1, min(1.0, len(received) / MAX_PULL_MESSAGES))
+            self._average_size += (size - self._average_size) * weight
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -165,8 +197,7 @@ class PullSource:
                 continue
             if self._stopping:
                 break
-            room = self.settings.max_outstanding_messages - len(self._outstanding)
-            asked = min(MAX_PULL_MESSAGES, room - self._requested)
+            asked = self._messages_to_ask()
             self._requested += asked
             try:
                 received = await self.pubsub.pull(
@@ -182,6 +213,8 @@ class PullSource:
                 self._requested -= asked
                 if self._has_room():
                     self._room.set()
+            if received:
+                self._learn_size(received)
             leased_until = time.monotonic() + MIN_ACK_DEADLINE_S
             slice_ends = time.perf_counter() + YIELD_EVERY_S
             for received_message in received:
