@@ -7,29 +7,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from tests.unit.test_leases import FakePipeline
+from tests.unit.test_leases import FakePipeline, Received
 from worker.pull import FIRST_PULL_MESSAGES, PullSettings, PullSource
 
 MESSAGE_BYTES = 100_000
-
-
-class _Message:
-    def __init__(self, n: int) -> None:
-        self.data = b"x" * MESSAGE_BYTES
-        self.attributes: dict[str, str] = {}
-        self.message_id = str(n)
-
-        class _Stamp:
-            seconds, nanos = 1_700_000_000, 0
-
-        self.publish_time = _Stamp()
-
-
-class _Received:
-    def __init__(self, n: int) -> None:
-        self.ack_id = f"ack-{n}"
-        self.message = _Message(n)
-        self.delivery_attempt = 1
+PAYLOAD = b"x" * MESSAGE_BYTES
 
 
 class EndlessBacklog:
@@ -46,7 +28,7 @@ class EndlessBacklog:
         self.asked.append(count)
         await asyncio.sleep(0.001)
         first, self.served = self.served, self.served + count
-        return [_Received(n) for n in range(first, self.served)]
+        return [Received(n, PAYLOAD) for n in range(first, self.served)]
 
     async def modify_ack_deadline(self, *args: Any) -> None:
         return None
@@ -55,16 +37,22 @@ class EndlessBacklog:
         return None
 
 
-async def test_large_messages_are_pulled_within_the_byte_limit() -> None:
+async def pull_for_a_while(limit_bytes: int) -> EndlessBacklog:
+    """Eight pullers on an endless backlog of 100 KB messages for 0.2 s; nothing is
+    ever settled, so the pipeline holds everything pulled."""
     backlog = EndlessBacklog()
-    limit_bytes = 2_000_000  # 20 messages of 100 KB
     settings = PullSettings(pullers=8, max_outstanding_bytes=limit_bytes)
     source = PullSource(backlog, "s", FakePipeline(), settings)  # type: ignore[arg-type]
     source.start()
     try:
-        await asyncio.sleep(0.2)  # nothing is ever settled: the pipeline holds all
+        await asyncio.sleep(0.2)
     finally:
         await source.stop_pulling()
+    return backlog
+
+
+async def test_large_messages_are_pulled_within_the_byte_limit() -> None:
+    backlog = await pull_for_a_while(2_000_000)  # 20 messages of 100 KB
     # Until a size is known, one pull at a time, of a few messages; then pulls sized
     # to the bytes left, however many pullers there are.
     assert backlog.asked[0] == FIRST_PULL_MESSAGES
@@ -74,15 +62,8 @@ async def test_large_messages_are_pulled_within_the_byte_limit() -> None:
 
 
 async def test_pulls_are_sized_to_the_bytes_left() -> None:
-    backlog = EndlessBacklog()
     limit_bytes = 30_000_000  # 300 messages of 100 KB
-    settings = PullSettings(pullers=8, max_outstanding_bytes=limit_bytes)
-    source = PullSource(backlog, "s", FakePipeline(), settings)  # type: ignore[arg-type]
-    source.start()
-    try:
-        await asyncio.sleep(0.2)
-    finally:
-        await source.stop_pulling()
+    backlog = await pull_for_a_while(limit_bytes)
     assert backlog.asked[0] == FIRST_PULL_MESSAGES
     # 8 pullers asking 1000 each would hold 800 MB; the limit holds within one message.
     assert backlog.served * MESSAGE_BYTES <= limit_bytes + MESSAGE_BYTES

@@ -32,17 +32,19 @@ class _Stamp:
 
 
 class _Message:
-    def __init__(self, n: int) -> None:
-        self.data = b"{}"
+    def __init__(self, n: int, data: bytes = b"{}") -> None:
+        self.data = data
         self.attributes: dict[str, str] = {}
         self.message_id = str(n)
         self.publish_time = _Stamp()
 
 
-class _Received:
-    def __init__(self, n: int) -> None:
+class Received:
+    """A received message as the Pull response holds it."""
+
+    def __init__(self, n: int, data: bytes = b"{}") -> None:
         self.ack_id = f"ack-{n}"
-        self.message = _Message(n)
+        self.message = _Message(n, data)
         self.delivery_attempt = 1
 
 
@@ -56,12 +58,12 @@ class FakePubSub:
     def subscription(self, name: str) -> str:
         return name
 
-    async def pull(self, subscription: str, count: int, timeout_s: float) -> list[_Received]:
+    async def pull(self, subscription: str, count: int, timeout_s: float) -> list[Received]:
         if self.handed_out:
             await asyncio.sleep(timeout_s)
             return []
         self.handed_out = True
-        return [_Received(1), _Received(2)]
+        return [Received(1), Received(2)]
 
     async def modify_ack_deadline(
         self, subscription: str, ack_ids: Sequence[str], deadline_s: int
