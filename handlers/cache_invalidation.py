@@ -1,7 +1,7 @@
 """``cache-invalidation``: the Redis updater.
 
 Deletes the named keys (and renews their version tokens, see ``worker.cache``) with
-one MULTI per batch, however many messages and keys the batch holds. A Redis outage
+one Redis script call per 1000 keys, however many messages the batch holds. A Redis outage
 is waited out here, however long it lasts, with the messages' leases extended by the
 pull source (flow control bounds what is held), instead of nacking: a nacked
 invalidation counts a delivery attempt, and after five Pub/Sub would dead-letter it

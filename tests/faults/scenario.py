@@ -116,6 +116,23 @@ class Scenario:
         """Phase 1 in publish order, at ``rate_per_s`` (None: as fast as possible)."""
         await publish(self.pubsub, self.workload.phases[0], self.ledger, rate_per_s=rate_per_s)
 
+    @asynccontextmanager
+    async def publishing(self, rate_per_s: float) -> AsyncIterator[None]:
+        """Phase 1 published in the background while the body injects faults; on a
+        clean exit, waits until every message of phase 1 was published."""
+        task = asyncio.create_task(self.publish_phase1(rate_per_s), name="publish-phase1")
+        try:
+            yield
+        except BaseException:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise
+        await task
+
+    async def at(self, second: float) -> None:
+        """Sleep until ``second`` seconds after the scenario started."""
+        await asyncio.sleep(max(0.0, self.started + second - time.monotonic()))
+
     async def publish_phase2(self) -> None:
         for phase in self.workload.phases[1:]:
             await publish(self.pubsub, phase, self.ledger, rate_per_s=CONFLICT_RATE_PER_S)

@@ -29,8 +29,6 @@ import os
 import random
 import signal
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,25 +63,6 @@ def phase1_for(messages: int, planned_s: float, max_rate_per_s: float) -> float:
     """How long phase 1 lasts: ``planned_s``, longer if ``messages`` in that time would
     need more than ``max_rate_per_s``."""
     return max(planned_s, messages / max_rate_per_s)
-
-
-@asynccontextmanager
-async def publishing(scenario: Scenario, rate_per_s: float) -> AsyncIterator[None]:
-    """Phase 1 published in the background while the body injects faults; on a
-    clean exit, waits until every message of phase 1 was published."""
-    task = asyncio.create_task(scenario.publish_phase1(rate_per_s), name="publish-phase1")
-    try:
-        yield
-    except BaseException:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        raise
-    await task
-
-
-async def at(scenario: Scenario, second: float) -> None:
-    """Sleep until ``second`` seconds after the scenario started."""
-    await asyncio.sleep(max(0.0, scenario.started + second - time.monotonic()))
 
 
 def assert_alive(worker: WorkerProcess) -> None:
@@ -215,10 +194,10 @@ async def test_scenario_worker_sigkilled_and_crashing_at_each_crash_point(
     deaths: list[tuple[float, float]] = []
     crashed: dict[CrashPoint, WorkerProcess] = {}
     changed: dict[CrashPoint, bool] = {}
-    async with scenario.reading(seed=SEED), publishing(scenario, MESSAGES / phase1_s):
+    async with scenario.reading(seed=SEED), scenario.publishing(MESSAGES / phase1_s):
         moment = CRASH_FIRST_S
         for crash in plan:
-            await at(scenario, clear_of_redeliveries(moment, crash.death_s, deaths))
+            await scenario.at(clear_of_redeliveries(moment, crash.death_s, deaths))
             assert_alive(worker)
             if crash.point is None:
                 assert await worker.kill() == SIGKILLED
@@ -365,8 +344,8 @@ async def test_scenario_two_workers_and_one_sigkilled_for_good(
         scenario = Scenario.create(
             "two-workers", fault_settings, fault_pubsub, seed=SEED, messages=MESSAGES
         )
-        async with scenario.reading(seed=SEED), publishing(scenario, MESSAGES / phase1_s):
-            await at(scenario, phase1_s * TWO_KILL_S / TWO_PHASE1_S)
+        async with scenario.reading(seed=SEED), scenario.publishing(MESSAGES / phase1_s):
+            await scenario.at(phase1_s * TWO_KILL_S / TWO_PHASE1_S)
             for worker in workers:
                 assert_alive(worker)
             shared = {w.name: receiver.total(w.name) for w in workers}

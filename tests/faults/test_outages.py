@@ -17,8 +17,7 @@ import asyncio
 import dataclasses
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pytest
@@ -56,25 +55,6 @@ DEGRADED_READ_MAX_S = 2.0
 def rate_for(phase1_s: float) -> float:
     """The publish rate that spreads phase 1 of ``MESSAGES`` over ``phase1_s``."""
     return MESSAGES / phase1_s
-
-
-@asynccontextmanager
-async def publishing(scenario: Scenario, rate_per_s: float) -> AsyncIterator[asyncio.Task[None]]:
-    """Phase 1 published in the background while the body injects faults; on a
-    clean exit, waits until every message of phase 1 was published."""
-    task = asyncio.create_task(scenario.publish_phase1(rate_per_s), name="publish-phase1")
-    try:
-        yield task
-    except BaseException:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        raise
-    await task
-
-
-async def at(scenario: Scenario, second: float) -> None:
-    """Sleep until ``second`` seconds after the scenario started."""
-    await asyncio.sleep(max(0.0, scenario.started + second - time.monotonic()))
 
 
 def assert_survived(worker: WorkerProcess) -> None:
@@ -127,8 +107,8 @@ async def test_scenario_postgres_restarts_and_a_backend_killed_mid_batch(
     scenario = Scenario.create(
         "postgres-restarts", fault_settings, fault_pubsub, seed=SEED, messages=MESSAGES
     )
-    async with scenario.reading(seed=SEED), publishing(scenario, rate_for(PG_PHASE1_S)):
-        await at(scenario, PG_TERMINATE_S)
+    async with scenario.reading(seed=SEED), scenario.publishing(rate_for(PG_PHASE1_S)):
+        await scenario.at(PG_TERMINATE_S)
         terminated = await fault_postgres.terminate_mid_batch(
             fault_database, timeout_s=PG_TERMINATE_WAIT_S
         )
@@ -138,11 +118,11 @@ async def test_scenario_postgres_restarts_and_a_backend_killed_mid_batch(
         )
         scenario.fault(f"backend terminated mid-batch (pid {terminated})")
 
-        await at(scenario, PG_FIRST_RESTART_S)
+        await scenario.at(PG_FIRST_RESTART_S)
         await fault_postgres.restart_immediate()
         scenario.fault("postgres restarted in immediate mode")
 
-        await at(scenario, PG_SECOND_RESTART_S)
+        await scenario.at(PG_SECOND_RESTART_S)
         await fault_postgres.restart_immediate()
         scenario.fault("postgres restarted in immediate mode")
 
@@ -202,20 +182,20 @@ async def test_scenario_redis_down_for_30_s(
         "redis-down", fault_settings, fault_pubsub, seed=SEED, messages=MESSAGES
     )
     dsn = fault_settings.database_url
-    async with scenario.reading(seed=SEED), publishing(scenario, rate_for(REDIS_PHASE1_S)):
-        await at(scenario, REDIS_STOP_S)
+    async with scenario.reading(seed=SEED), scenario.publishing(rate_for(REDIS_PHASE1_S)):
+        await scenario.at(REDIS_STOP_S)
         await fault_redis.stop()
         scenario.fault("redis stopped")
         published_before = scenario.expected().counts()
 
-        await at(scenario, REDIS_STOP_S + 2)
+        await scenario.at(REDIS_STOP_S + 2)
         early = (await compare_database(dsn, scenario.expected())).found
 
-        await at(scenario, REDIS_STOP_S + 5)
+        await scenario.at(REDIS_STOP_S + 5)
         timings = await degraded_reads(fault_settings, scenario)
         assert max(timings) < DEGRADED_READ_MAX_S, timings
 
-        await at(scenario, REDIS_STOP_S + REDIS_DOWN_S - 3)
+        await scenario.at(REDIS_STOP_S + REDIS_DOWN_S - 3)
         late = (await compare_database(dsn, scenario.expected())).found
         assert not fault_redis.running and not await fault_redis.ping()
         # Ingestion went on without Redis: rows kept arriving, and everything
@@ -224,7 +204,7 @@ async def test_scenario_redis_down_for_30_s(
         for table, count in published_before.items():
             assert late[table] >= count, (table, published_before, late)
 
-        await at(scenario, REDIS_STOP_S + REDIS_DOWN_S)
+        await scenario.at(REDIS_STOP_S + REDIS_DOWN_S)
         await fault_redis.start()
         scenario.fault("redis started again (empty)")
 
@@ -272,11 +252,11 @@ async def test_scenario_network_to_postgres_stalls_for_20_s(
     scenario = Scenario.create(
         "network-stall", fault_settings, fault_pubsub, seed=SEED, messages=MESSAGES
     )
-    async with scenario.reading(seed=SEED), publishing(scenario, rate_for(STALL_PHASE1_S)):
-        await at(scenario, STALL_PAUSE_S)
+    async with scenario.reading(seed=SEED), scenario.publishing(rate_for(STALL_PHASE1_S)):
+        await scenario.at(STALL_PAUSE_S)
         postgres_proxy.pause()
         scenario.fault(f"network to postgres stalled (proxy paused {STALL_FOR_S:.0f} s)")
-        await at(scenario, STALL_PAUSE_S + STALL_FOR_S)
+        await scenario.at(STALL_PAUSE_S + STALL_FOR_S)
         stalled = nacks(worker)
         postgres_proxy.resume()
         scenario.fault("network to postgres flows again")

@@ -36,9 +36,7 @@ from tests.faults.proxy import TcpProxy
 from tests.faults.scenario import Scenario
 from tests.faults.test_crashes import (
     SEED,
-    at,
     phase1_for,
-    publishing,
     stored_state,
     timeout_for,
 )
@@ -89,8 +87,8 @@ async def test_scenario_push_server_sigkilled_and_restarted_on_its_port(
         scenario = Scenario.create(
             "push-server-killed", fault_settings, fault_pubsub, seed=SEED, messages=MESSAGES
         )
-        async with scenario.reading(seed=SEED), publishing(scenario, MESSAGES / phase1_s):
-            await at(scenario, phase1_s * PUSH_KILL_S / PUSH_PHASE1_S)
+        async with scenario.reading(seed=SEED), scenario.publishing(MESSAGES / phase1_s):
+            await scenario.at(phase1_s * PUSH_KILL_S / PUSH_PHASE1_S)
             assert server.alive, server.log_tail()
             before_kill, _ = await stored_state(scenario)
             assert await server.kill() == SIGKILLED
