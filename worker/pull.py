@@ -120,32 +120,40 @@ class PullSource:
         room = self.settings.max_outstanding_messages - len(self._outstanding) - self._requested
         if self._average_size == 0:
             return max(1, min(FIRST_PULL_MESSAGES, room))
-        expected_bytes = self._outstanding_bytes + self._requested * self._average_size
-        bytes_room = int(
-            (self.settings.max_outstanding_bytes - expected_bytes) / self._average_size
-        )
-        return max(1, min(MAX_PULL_MESSAGES, room, bytes_room))
+        bytes_left = self.settings.max_outstanding_bytes - self._expected_bytes()
+        return max(1, min(MAX_PULL_MESSAGES, room, int(bytes_left / self._average_size)))
 
     def _has_room(self) -> bool:
         if len(self._outstanding) + self._requested >= self.settings.max_outstanding_messages:
             return False
-        if self._average_size == 0:
-            # No size known until a pull brings messages: one pull at a time till then.
-            return (
-                self._requested == 0
-                and self._outstanding_bytes < self.settings.max_outstanding_bytes
-            )
-        expected_bytes = self._outstanding_bytes + self._requested * self._average_size
-        return expected_bytes < self.settings.max_outstanding_bytes
+        if self._average_size == 0 and self._requested:
+            return False  # no size known until a pull brings messages: one at a time
+        return self._expected_bytes() < self.settings.max_outstanding_bytes
 
-    def _learn_size(self, received: list[Any]) -> None:
-        size = max(1.0, sum(len(r.message.data) for r in received) / len(received))
+    def _expected_bytes(self) -> float:
+        """Bytes held, plus what the pulls in flight will bring at the average size."""
+        return self._outstanding_bytes + self._requested * self._average_size
+
+    def _hold(self, received: list[Any]) -> None:
+        """Count a pull's messages as outstanding, all of them before any is submitted:
+        submitting yields to the loop, and a sibling puller must not see their room
+        as free meanwhile. Also learns the average message size."""
+        if not received:
+            return
+        leased_until = time.monotonic() + MIN_ACK_DEADLINE_S
+        pulled_bytes = 0
+        for received_message in received:
+            size = len(received_message.message.data)  # flow control bounds payload bytes
+            self._outstanding[received_message.ack_id] = (leased_until, size)
+            pulled_bytes += size
+        self._outstanding_bytes += pulled_bytes
+        average = max(1.0, pulled_bytes / len(received))
         if self._average_size == 0:
-            self._average_size = size
+            self._average_size = average
         else:
             # Weighted by how many came: a pull of 1000 outweighs a pull of one.
             weight = max(0.1, min(1.0, len(received) / MAX_PULL_MESSAGES))
-            self._average_size += (size - self._average_size) * weight
+            self._average_size += (average - self._average_size) * weight
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -213,16 +221,10 @@ class PullSource:
                 self._requested -= asked
                 if self._has_room():
                     self._room.set()
-            if received:
-                self._learn_size(received)
-            leased_until = time.monotonic() + MIN_ACK_DEADLINE_S
+            self._hold(received)
             slice_ends = time.perf_counter() + YIELD_EVERY_S
             for received_message in received:
                 message = received_message.message
-                ack_id = received_message.ack_id
-                size = len(message.data)  # what flow control bounds: the payload bytes
-                self._outstanding[ack_id] = (leased_until, size)
-                self._outstanding_bytes += size
                 self.pipeline.submit(
                     Delivery(
                         data=message.data,
@@ -231,7 +233,7 @@ class PullSource:
                         publish_time=_publish_time(message),
                         subscription=self.subscription,
                         settler=self,
-                        token=ack_id,
+                        token=received_message.ack_id,
                         delivery_attempt=received_message.delivery_attempt or None,
                     )
                 )

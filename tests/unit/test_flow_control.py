@@ -5,6 +5,7 @@ each pull from the average message size, and never holds much more than
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from tests.unit.test_leases import FakePipeline, Received
@@ -37,22 +38,35 @@ class EndlessBacklog:
         return None
 
 
-async def pull_for_a_while(limit_bytes: int) -> EndlessBacklog:
-    """Eight pullers on an endless backlog of 100 KB messages for 0.2 s; nothing is
-    ever settled, so the pipeline holds everything pulled."""
+class SlowPipeline(FakePipeline):
+    """Validation that takes its time: a pull's messages are submitted over several
+    slices of the event loop, with sibling pullers running in between."""
+
+    def submit(self, delivery: Any) -> None:
+        time.sleep(0.0002)
+        super().submit(delivery)
+
+
+async def pull_until_held(limit_bytes: int) -> EndlessBacklog:
+    """Eight pullers on an endless backlog of 100 KB messages until they stop asking
+    (nothing is ever settled, so the pipeline holds everything pulled)."""
     backlog = EndlessBacklog()
     settings = PullSettings(pullers=8, max_outstanding_bytes=limit_bytes)
-    source = PullSource(backlog, "s", FakePipeline(), settings)  # type: ignore[arg-type]
+    source = PullSource(backlog, "s", SlowPipeline(), settings)  # type: ignore[arg-type]
     source.start()
     try:
-        await asyncio.sleep(0.2)
+        quiet_polls, seen = 0, -1
+        while quiet_polls < 10:  # 100 ms without a new pull: every puller waits for room
+            await asyncio.sleep(0.01)
+            quiet_polls = quiet_polls + 1 if len(backlog.asked) == seen else 0
+            seen = len(backlog.asked)
     finally:
         await source.stop_pulling()
     return backlog
 
 
 async def test_large_messages_are_pulled_within_the_byte_limit() -> None:
-    backlog = await pull_for_a_while(2_000_000)  # 20 messages of 100 KB
+    backlog = await pull_until_held(2_000_000)  # 20 messages of 100 KB
     # Until a size is known, one pull at a time, of a few messages; then pulls sized
     # to the bytes left, however many pullers there are.
     assert backlog.asked[0] == FIRST_PULL_MESSAGES
@@ -63,7 +77,7 @@ async def test_large_messages_are_pulled_within_the_byte_limit() -> None:
 
 async def test_pulls_are_sized_to_the_bytes_left() -> None:
     limit_bytes = 30_000_000  # 300 messages of 100 KB
-    backlog = await pull_for_a_while(limit_bytes)
+    backlog = await pull_until_held(limit_bytes)
     assert backlog.asked[0] == FIRST_PULL_MESSAGES
     # 8 pullers asking 1000 each would hold 800 MB; the limit holds within one message.
     assert backlog.served * MESSAGE_BYTES <= limit_bytes + MESSAGE_BYTES
