@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import Select, bindparam, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from handlers.events import event_key, utc, validate
+from handlers.events import event_key, validate
 from handlers.tables import insight_feedback
 from schemas.feedback import FLAG_TYPES, FeedbackEvent, FeedbackRecord, FeedbackStats
 from worker.db import driver_connection, transaction
@@ -94,8 +94,9 @@ async def write(conn: AsyncConnection, events: Sequence[FeedbackEvent]) -> Batch
         [r.winner.comment for r in rows],
         [r.winner.flag_type for r in rows],
         [r.winner.flag_reason for r in rows],
-        [utc(r.earliest) for r in rows],
-        [utc(r.winner.occurred_at) for r in rows],
+        # Aware datetimes: asyncpg converts them to UTC itself.
+        [r.earliest for r in rows],
+        [r.winner.occurred_at for r in rows],
         [r.winner_key for r in rows],
     )
     return BatchOutcome(cache_keys=frozenset(stats_cache_key(r.winner.insight_id) for r in rows))

@@ -48,7 +48,7 @@ class BatchSettings:
     flush_when_idle: bool = True
 
 
-@dataclass
+@dataclass(slots=True)
 class _Entry:
     delivery: Delivery
     item: Any = None
@@ -252,12 +252,9 @@ class TopicPipeline:
                 self.telemetry.commit_latency_ms.record(
                     (time.perf_counter() - started) * 1000, self._attributes
                 )
-            for index, entry in enumerate(valid):
-                failure = outcome.failures.get(index)
-                if failure is None:
-                    committed.append(entry.delivery)
-                else:
-                    dead.append((entry.delivery, failure))
+            failures = outcome.failures
+            dead.extend((valid[i].delivery, failures[i]) for i in sorted(failures))
+            committed = [e.delivery for i, e in enumerate(valid) if i not in failures]
             if committed and outcome.cache_keys and self.after_commit is not None:
                 self.crash_points.reach(CrashPoint.AFTER_COMMIT)
                 try:

@@ -59,9 +59,26 @@ MIN_ACK_DEADLINE_S = 10
 """Pub/Sub's smallest ack deadline: a fresh message's lease lasts at least this."""
 
 
-def _publish_time(message: Any) -> datetime:
-    stamp = message.publish_time
-    return datetime.fromtimestamp(stamp.seconds + stamp.nanos / 1e9, UTC)
+class _PublishTimes:
+    """Publish timestamps as datetimes, converted once per distinct stamp: the messages
+    of one publish request share theirs, and a pull brings runs of them."""
+
+    def __init__(self) -> None:
+        self._stamp: tuple[int, int] = (-1, -1)
+        self._moment = datetime.min.replace(tzinfo=UTC)
+
+    def __call__(self, message: Any) -> datetime:
+        stamp = message.publish_time
+        seconds_nanos = (stamp.seconds, stamp.nanos)
+        if seconds_nanos != self._stamp:
+            self._stamp = seconds_nanos
+            self._moment = datetime.fromtimestamp(stamp.seconds + stamp.nanos / 1e9, UTC)
+        return self._moment
+
+
+def _attributes(message: Any) -> dict[str, str]:
+    attributes = message.attributes
+    return dict(attributes) if attributes else {}  # most messages have none: skip the copy
 
 
 class PullSource:
@@ -111,7 +128,7 @@ class PullSource:
         held = self._outstanding.pop(str(delivery.token), None)
         if held is not None:
             self._outstanding_bytes -= held[1]
-        if self._has_room():
+        if not self._room.is_set() and self._has_room():
             self._room.set()
 
     def _messages_to_ask(self) -> int:
@@ -222,15 +239,16 @@ class PullSource:
                 if self._has_room():
                     self._room.set()
             self._hold(received)
+            publish_time = _PublishTimes()
             slice_ends = time.perf_counter() + YIELD_EVERY_S
             for received_message in received:
                 message = received_message.message
                 self.pipeline.submit(
                     Delivery(
                         data=message.data,
-                        attributes=dict(message.attributes),
+                        attributes=_attributes(message),
                         message_id=message.message_id,
-                        publish_time=_publish_time(message),
+                        publish_time=publish_time(message),
                         subscription=self.subscription,
                         settler=self,
                         token=received_message.ack_id,
