@@ -3,13 +3,13 @@ FROM python:3.11-slim AS build
 RUN pip install --no-cache-dir uv
 WORKDIR /app
 COPY pyproject.toml uv.lock README.md ./
-RUN uv sync --locked --no-dev --no-install-project
+RUN uv sync --locked --no-dev --no-install-project --compile-bytecode
 COPY worker ./worker
 COPY handlers ./handlers
 COPY schemas ./schemas
 COPY alembic ./alembic
 COPY alembic.ini ./
-RUN uv sync --locked --no-dev
+RUN uv sync --locked --no-dev --compile-bytecode
 
 FROM python:3.11-slim
 # pg_dump for the backup task; the client's major version must match the server's.
