@@ -5,6 +5,7 @@ each pull from the average message size, and never holds much more than
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -82,3 +83,76 @@ async def test_pulls_are_sized_to_the_bytes_left() -> None:
     # 8 pullers asking 1000 each would hold 800 MB; the limit holds within one message.
     assert backlog.served * MESSAGE_BYTES <= limit_bytes + MESSAGE_BYTES
     assert backlog.served >= 290
+
+
+class QuietSubscription:
+    """Empty until ``publish``: a pull waits out its timeout (a long poll) and comes
+    back empty, or takes what is there. Records how many pulls are open at once."""
+
+    def __init__(self) -> None:
+        self.waiting: list[int] = []
+        self.open_pulls = 0
+        self.most_open = 0
+        self.arrived = asyncio.Event()
+        self.served = 0
+
+    def subscription(self, name: str) -> str:
+        return name
+
+    async def modify_ack_deadline(self, *args: Any) -> None:
+        return None
+
+    async def acknowledge(self, *args: Any) -> None:
+        return None
+
+    def publish(self, count: int) -> None:
+        self.waiting.extend(range(self.served, self.served + count))
+        self.arrived.set()
+
+    async def pull(self, subscription: str, count: int, timeout_s: float) -> list[Any]:
+        self.open_pulls += 1
+        self.most_open = max(self.most_open, self.open_pulls)
+        try:
+            if not self.waiting:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.arrived.wait(), timeout_s)
+            taken, self.waiting = self.waiting[:count], self.waiting[count:]
+            if not self.waiting:
+                self.arrived.clear()
+            self.served += len(taken)
+            await asyncio.sleep(0.001)
+            return [Received(n) for n in taken]
+        finally:
+            self.open_pulls -= 1
+
+
+class CountingPipeline(FakePipeline):
+    def __init__(self, expected: int) -> None:
+        super().__init__()
+        self.expected = expected
+        self.all_in = asyncio.Event()
+
+    def submit(self, delivery: Any) -> None:
+        super().submit(delivery)
+        if len(self.submitted) >= self.expected:
+            self.all_in.set()
+
+
+async def test_an_idle_subscription_keeps_one_pull_open_and_wakes_the_rest() -> None:
+    quiet = QuietSubscription()
+    pipeline = CountingPipeline(20_050)
+    settings = PullSettings(pullers=8, pull_timeout_s=0.05, max_outstanding_messages=100_000)
+    source = PullSource(quiet, "s", pipeline, settings)  # type: ignore[arg-type]
+    quiet.publish(50)  # traffic first: every puller pulls
+    source.start()
+    try:
+        await asyncio.sleep(0.3)  # the backlog is gone; several long polls came back empty
+        quiet.most_open = quiet.open_pulls
+        await asyncio.sleep(0.3)
+        assert quiet.most_open == 1  # idle: one long poll open at a time
+        quiet.publish(20_000)
+        await asyncio.wait_for(pipeline.all_in.wait(), 5)
+        assert len(pipeline.submitted) == 20_050  # nothing lost or held back
+        assert quiet.most_open > 1  # messages came: the siblings pull again
+    finally:
+        await source.stop_pulling()
