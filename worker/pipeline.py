@@ -41,7 +41,7 @@ AfterCommit = Callable[[str, frozenset[str]], Awaitable[None]]
 
 @dataclass(frozen=True)
 class BatchSettings:
-    max_batch_size: int = 1000
+    max_batch_size: int = 2000
     max_batch_bytes: int = 4 * 1024 * 1024
     max_batch_delay_ms: int = 50
     max_concurrent_flushes: int = 3
