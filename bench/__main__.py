@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from bench import drain, ingest, invalidation, push, read, stack, store
+from bench import common, drain, ingest, invalidation, push, read, stack, store
 from worker.cli import run_async
 
 SCENARIOS = {
@@ -36,6 +36,7 @@ async def _run(name: str) -> None:
         await SCENARIOS[name]()
     finally:
         await stack.cleanup()
+        await common.drop_databases()
 
 
 raise SystemExit(main(sys.argv[1:]))

@@ -35,21 +35,51 @@ def report(
     print(json.dumps(line), flush=True)
 
 
-async def fresh_database(name: str) -> Settings:
-    """Drop and recreate database ``name``, migrated to head; its Settings."""
-    base = Settings.from_env()
+DATABASES: list[str] = []
+"""Every scratch database a scenario made; dropped after the scenario (cleanup)."""
+
+
+def _admin_dsn(base: Settings) -> str:
     url = make_url(base.database_url)
-    admin = url.set(drivername="postgresql", database="postgres").render_as_string(False)
-    conn = await asyncpg.connect(admin)
+    return url.set(drivername="postgresql", database="postgres").render_as_string(False)
+
+
+async def fresh_database(name: str) -> Settings:
+    """Drop and recreate database ``name``, migrated to head, then checkpointed; its
+    Settings.
+
+    The checkpoint writes out what earlier work left dirty in shared buffers (the
+    last scenario's rows, this migration), so the checkpointer does not do it during
+    the timed part.
+    """
+    base = Settings.from_env()
+    conn = await asyncpg.connect(_admin_dsn(base))
     try:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await conn.close()
     settings = dataclasses.replace(
-        base, database_url=url.set(database=name).render_as_string(False)
+        base, database_url=make_url(base.database_url).set(database=name).render_as_string(False)
     )
     await upgrade(settings)
+    DATABASES.append(name)
+    conn = await asyncpg.connect(_admin_dsn(base))
+    try:
+        await conn.execute("CHECKPOINT")
+    finally:
+        await conn.close()
     return settings
+
+
+async def drop_databases() -> None:
+    """Drop the scenario's scratch databases: their tables would otherwise draw
+    autovacuum work into the next scenario's timed part."""
+    conn = await asyncpg.connect(_admin_dsn(Settings.from_env()))
+    try:
+        while DATABASES:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{DATABASES.pop()}" WITH (FORCE)')
+    finally:
+        await conn.close()
 
 
 def asyncpg_dsn(settings: Settings) -> str:
