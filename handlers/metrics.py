@@ -86,13 +86,22 @@ def _derived_identity(
     however their JSON was laid out, and an array needs no key sorting.
     """
     utc_timestamp = None if timestamp is None else timestamp.astimezone(UTC)
-    head = orjson.dumps([service_name, metric_type, metric_value, unit, utc_timestamp])
-    tail = b"null]" if metadata is None else metadata.encode("utf-8") + b"]"
+    # The metadata is canonical JSON already: spliced in as is.
+    canonical = orjson.dumps(
+        [
+            service_name,
+            metric_type,
+            metric_value,
+            unit,
+            utc_timestamp,
+            None if metadata is None else orjson.Fragment(metadata),
+        ]
+    )
     # uuid.uuid5 itself, without its per-call namespace.bytes and str round trip, and
     # as asyncpg's UUID (a uuid.UUID, equal and hashed alike): built from 16 bytes in
     # C where uuid.UUID's constructor is Python, and copied as is into COPY and
     # statements. Every sample without an event_id pays this.
-    digest = hashlib.sha1(_NAMESPACE_BYTES + head[:-1] + b"," + tail).digest()
+    digest = hashlib.sha1(_NAMESPACE_BYTES + canonical).digest()
     bits = int.from_bytes(digest[:16]) & _VERSION_CLEAR | _VERSION_5
     identity: uuid.UUID = DriverUUID(bits.to_bytes(16))
     return identity
