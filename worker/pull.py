@@ -28,7 +28,7 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from worker.delivery import Delivery
 from worker.exceptions import WorkerError
@@ -158,25 +158,23 @@ class PullSource:
         """Bytes held, plus what the pulls in flight will bring at the average size."""
         return self._outstanding_bytes + self._requested * self._average_size
 
-    def _hold(self, received: list[Any]) -> None:
+    def _hold(self, deliveries: list[Delivery]) -> None:
         """Count a pull's messages as outstanding, all of them before any is submitted:
         submitting yields to the loop, and a sibling puller must not see their room
         as free meanwhile. Also learns the average message size."""
-        if not received:
-            return
         leased_until = time.monotonic() + MIN_ACK_DEADLINE_S
         pulled_bytes = 0
-        for received_message in received:
-            size = len(received_message.message.data)  # flow control bounds payload bytes
-            self._outstanding[received_message.ack_id] = (leased_until, size)
+        for delivery in deliveries:
+            size = len(delivery.data)  # flow control bounds payload bytes
+            self._outstanding[cast(str, delivery.token)] = (leased_until, size)
             pulled_bytes += size
         self._outstanding_bytes += pulled_bytes
-        average = max(1.0, pulled_bytes / len(received))
+        average = max(1.0, pulled_bytes / len(deliveries))
         if self._average_size == 0:
             self._average_size = average
         else:
             # Weighted by how many came: a pull of 1000 outweighs a pull of one.
-            weight = max(0.1, min(1.0, len(received) / MAX_PULL_MESSAGES))
+            weight = max(0.1, min(1.0, len(deliveries) / MAX_PULL_MESSAGES))
             self._average_size += (average - self._average_size) * weight
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -255,29 +253,37 @@ class PullSource:
                 self._traffic.clear()
                 continue
             self._traffic.set()
-            self._hold(received)
-            publish_time = _PublishTimes()
+            deliveries = self._deliveries(received)
+            self._hold(deliveries)
             slice_ends = time.perf_counter() + YIELD_EVERY_S
-            for received_message in received:
-                message = received_message.message
-                self.pipeline.submit(
-                    Delivery(
-                        data=message.data,
-                        attributes=_attributes(message),
-                        message_id=message.message_id,
-                        publish_time=publish_time(message),
-                        subscription=self.subscription,
-                        settler=self,
-                        token=received_message.ack_id,
-                        delivery_attempt=received_message.delivery_attempt or None,
-                    )
-                )
+            for delivery in deliveries:
+                self.pipeline.submit(delivery)
                 if time.perf_counter() >= slice_ends:
                     # A pull may bring 100 messages of 1000 samples: validating them
                     # all in one go would starve the flushes, whose next statement
                     # or COPY chunk waits for the loop while PostgreSQL sits idle.
                     await asyncio.sleep(0)
                     slice_ends = time.perf_counter() + YIELD_EVERY_S
+
+    def _deliveries(self, received: list[Any]) -> list[Delivery]:
+        """A pull's messages as deliveries, each protobuf field read once."""
+        publish_time = _PublishTimes()
+        deliveries = []
+        for received_message in received:
+            message = received_message.message
+            deliveries.append(
+                Delivery(
+                    data=message.data,
+                    attributes=_attributes(message),
+                    message_id=message.message_id,
+                    publish_time=publish_time(message),
+                    subscription=self.subscription,
+                    settler=self,
+                    token=received_message.ack_id,
+                    delivery_attempt=received_message.delivery_attempt or None,
+                )
+            )
+        return deliveries
 
     async def _settle_loop(self) -> None:
         interval_s = self.settings.settle_every_ms / 1000
