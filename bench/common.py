@@ -39,9 +39,20 @@ DATABASES: list[str] = []
 """Every scratch database a scenario made; dropped after the scenario (cleanup)."""
 
 
-def _admin_dsn(base: Settings) -> str:
-    url = make_url(base.database_url)
-    return url.set(drivername="postgresql", database="postgres").render_as_string(False)
+async def _as_admin(*statements: str) -> None:
+    """Run ``statements`` on the server's ``postgres`` database."""
+    url = make_url(Settings.from_env().database_url)
+    admin = url.set(drivername="postgresql", database="postgres").render_as_string(False)
+    conn = await asyncpg.connect(admin)
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+def _drop(name: str) -> str:
+    return f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'
 
 
 async def fresh_database(name: str) -> Settings:
@@ -52,34 +63,22 @@ async def fresh_database(name: str) -> Settings:
     last scenario's rows, this migration), so the checkpointer does not do it during
     the timed part.
     """
+    await _as_admin(_drop(name))
     base = Settings.from_env()
-    conn = await asyncpg.connect(_admin_dsn(base))
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
     settings = dataclasses.replace(
         base, database_url=make_url(base.database_url).set(database=name).render_as_string(False)
     )
     await upgrade(settings)
     DATABASES.append(name)
-    conn = await asyncpg.connect(_admin_dsn(base))
-    try:
-        await conn.execute("CHECKPOINT")
-    finally:
-        await conn.close()
+    await _as_admin("CHECKPOINT")
     return settings
 
 
 async def drop_databases() -> None:
     """Drop the scenario's scratch databases: their tables would otherwise draw
     autovacuum work into the next scenario's timed part."""
-    conn = await asyncpg.connect(_admin_dsn(Settings.from_env()))
-    try:
-        while DATABASES:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{DATABASES.pop()}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    names, DATABASES[:] = list(DATABASES), []
+    await _as_admin(*(_drop(name) for name in names))
 
 
 def asyncpg_dsn(settings: Settings) -> str:

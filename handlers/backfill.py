@@ -29,7 +29,7 @@ from uuid import UUID
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from handlers.events import event_key, utc, validate
+from handlers.events import event_key, validate
 from handlers.tables import backfill_jobs
 from schemas.backfill import BackfillJobResponse, BackfillProgressEvent, BackfillStatus
 from worker.db import driver_connection, transaction
@@ -241,11 +241,12 @@ async def _upsert(conn: AsyncConnection, rows: Sequence[_Row]) -> set[UUID]:
         [r.current_block for r in rows],
         [r.status for r in rows],
         [r.error_message for r in rows],
-        [utc(r.estimated_completion) if r.estimated_completion else None for r in rows],
-        [utc(r.started_at) for r in rows],
-        [utc(r.completed_at) if r.completed_at else None for r in rows],
+        # Aware datetimes: asyncpg converts them to UTC itself.
+        [r.estimated_completion for r in rows],
+        [r.started_at for r in rows],
+        [r.completed_at for r in rows],
         [r.created_by for r in rows],
-        [utc(r.status_event_at) for r in rows],
+        [r.status_event_at for r in rows],
         [r.status_event_key for r in rows],
         [r.first_event_key for r in rows],
         [r.completing_event_key for r in rows],

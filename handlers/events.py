@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import orjson
@@ -26,10 +25,6 @@ def event_key(event: BaseModel) -> bytes:
     # as uuid.UUID, which orjson only serialises for the exact type.
     encoded = orjson.dumps(event.model_dump(), option=orjson.OPT_SORT_KEYS, default=str)
     return hashlib.sha256(encoded).digest()
-
-
-def utc(moment: datetime) -> datetime:
-    return moment.astimezone(UTC)
 
 
 def validate(model: type[M], payload: Any) -> M:

@@ -12,9 +12,10 @@ pulls per subscription keep a request always waiting, so latency stays low.
   can run out: a new message's lease is taken to be Pub/Sub's minimum (10 s), which
   no subscription is below, so whatever a subscription's deadline a held message
   (a batch waiting out an outage, say) never returns to Pub/Sub while we hold it;
-- idle subscriptions: once a pull comes back empty, one puller keeps the long poll
-  open and the others wait until a pull brings messages (each open long poll costs
-  the emulator about 0.3% of a core, and the worker runs four subscriptions);
+- one pull at a time until a pull brings messages: at start (the first pull, of a
+  few messages, tells the message size, see ``_hold``) and whenever a pull came back
+  empty (an idle subscription needs one open long poll, not one per puller: each
+  costs the emulator about 0.3% of a core, and the worker runs four subscriptions);
 - settlement: acks and nacks are gathered and sent in bulk requests;
 - stop: pulling stops first, then the runtime drains the pipeline, then ``close``
   sends the last acks and nacks.
@@ -107,10 +108,10 @@ class PullSource:
         self._average_size = 0.0
         self._room = asyncio.Event()
         self._room.set()
-        # Set while the subscription has traffic; cleared by a pull that came back empty.
+        # Set by a pull that brought messages, cleared by one that came back empty;
+        # while it is clear, one pull at a time (none has brought a message size yet,
+        # or the subscription is idle).
         self._traffic = asyncio.Event()
-        self._traffic.set()
-        self._pulls_in_flight = 0
         self._acks: list[str] = []
         self._nacks: list[str] = []
         self._settle_now = asyncio.Event()
@@ -150,8 +151,6 @@ class PullSource:
     def _has_room(self) -> bool:
         if len(self._outstanding) + self._requested >= self.settings.max_outstanding_messages:
             return False
-        if self._average_size == 0 and self._requested:
-            return False  # no size known until a pull brings messages: one at a time
         return self._expected_bytes() < self.settings.max_outstanding_bytes
 
     def _expected_bytes(self) -> float:
@@ -226,14 +225,13 @@ class PullSource:
                 self._room.clear()
                 await self._room.wait()
                 continue
-            if not self._traffic.is_set() and self._pulls_in_flight:
-                await self._traffic.wait()  # a sibling's long poll watches the subscription
+            if not self._traffic.is_set() and self._requested:
+                await self._traffic.wait()  # a sibling's pull is out (every pull asks >= 1)
                 continue
             if self._stopping:
                 break
             asked = self._messages_to_ask()
             self._requested += asked
-            self._pulls_in_flight += 1
             try:
                 received = await self.pubsub.pull(
                     self.subscription, asked, self.settings.pull_timeout_s
@@ -245,7 +243,6 @@ class PullSource:
                 self.pipeline.backoff.failed()
                 continue
             finally:
-                self._pulls_in_flight -= 1
                 self._requested -= asked
                 if self._has_room():
                     self._room.set()

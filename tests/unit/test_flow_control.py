@@ -16,27 +16,31 @@ MESSAGE_BYTES = 100_000
 PAYLOAD = b"x" * MESSAGE_BYTES
 
 
-class EndlessBacklog:
-    """Always as many messages as asked for; records what each pull asked."""
-
-    def __init__(self) -> None:
-        self.asked: list[int] = []
-        self.served = 0
+class FakeSubscription:
+    """The pull source's Pub/Sub calls besides ``pull``: settling succeeds and does nothing."""
 
     def subscription(self, name: str) -> str:
         return name
-
-    async def pull(self, subscription: str, count: int, timeout_s: float) -> list[Any]:
-        self.asked.append(count)
-        await asyncio.sleep(0.001)
-        first, self.served = self.served, self.served + count
-        return [Received(n, PAYLOAD) for n in range(first, self.served)]
 
     async def modify_ack_deadline(self, *args: Any) -> None:
         return None
 
     async def acknowledge(self, *args: Any) -> None:
         return None
+
+
+class EndlessBacklog(FakeSubscription):
+    """Always as many messages as asked for; records what each pull asked."""
+
+    def __init__(self) -> None:
+        self.asked: list[int] = []
+        self.served = 0
+
+    async def pull(self, subscription: str, count: int, timeout_s: float) -> list[Any]:
+        self.asked.append(count)
+        await asyncio.sleep(0.001)
+        first, self.served = self.served, self.served + count
+        return [Received(n, PAYLOAD) for n in range(first, self.served)]
 
 
 class SlowPipeline(FakePipeline):
@@ -85,7 +89,7 @@ async def test_pulls_are_sized_to_the_bytes_left() -> None:
     assert backlog.served >= 290
 
 
-class QuietSubscription:
+class QuietSubscription(FakeSubscription):
     """Empty until ``publish``: a pull waits out its timeout (a long poll) and comes
     back empty, or takes what is there. Records how many pulls are open at once."""
 
@@ -95,15 +99,6 @@ class QuietSubscription:
         self.most_open = 0
         self.arrived = asyncio.Event()
         self.served = 0
-
-    def subscription(self, name: str) -> str:
-        return name
-
-    async def modify_ack_deadline(self, *args: Any) -> None:
-        return None
-
-    async def acknowledge(self, *args: Any) -> None:
-        return None
 
     def publish(self, count: int) -> None:
         self.waiting.extend(range(self.served, self.served + count))
