@@ -6,7 +6,7 @@ import dataclasses
 import json
 import statistics
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import asyncpg
 from sqlalchemy import make_url
@@ -21,8 +21,10 @@ def report(
     value: float,
     baseline: str | None = None,
     baseline_value: float | None = None,
+    rounds: Sequence[tuple[float, float]] | None = None,
 ) -> None:
-    """One figure as one JSON line, with the baseline measured in the same run."""
+    """One figure as one JSON line, with the baseline measured in the same run; where
+    both are medians, ``rounds`` gives each round's value and baseline."""
     ratio = None if not baseline_value else round(value / baseline_value, 3)
     line = {
         "scenario": scenario,
@@ -32,6 +34,8 @@ def report(
         "baseline_value": None if baseline_value is None else round(baseline_value, 1),
         "ratio": ratio,
     }
+    if rounds is not None:
+        line["rounds"] = [[round(v, 1), round(b, 1)] for v, b in rounds]
     print(json.dumps(line), flush=True)
 
 
@@ -69,7 +73,8 @@ async def fresh_database(name: str) -> Settings:
         base, database_url=make_url(base.database_url).set(database=name).render_as_string(False)
     )
     await upgrade(settings)
-    DATABASES.append(name)
+    if name not in DATABASES:
+        DATABASES.append(name)
     await _as_admin("CHECKPOINT")
     return settings
 
