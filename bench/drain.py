@@ -2,7 +2,7 @@
 
 Pre-publishes 100k single-sample metrics messages and 20k feedback messages, then
 times a worker process (``utxoiq-worker run``) until every row is in PostgreSQL.
-In the same run:
+In the same run, in interleaved rounds (each figure is the median of its rounds):
 - the raw pull ceiling: a bare pull-and-ack loop on the same client, no database;
 - the naive worker: the official streaming-pull callback, one ORM insert and
   commit per message, over 3k messages.
@@ -177,10 +177,15 @@ def naive_worker_rate(settings: Settings, count: int) -> float:
     return count / elapsed
 
 
+async def publish_backlog(pubsub: PubSub, tag: str) -> None:
+    """The backlog each round drains: ``METRICS`` metrics and ``FEEDBACK`` feedback."""
+    await publish_all(pubsub, "metrics", metric_payloads(METRICS, tag))
+    await publish_all(pubsub, "feedback", feedback_payloads(FEEDBACK, tag))
+
+
 async def _ceiling_rate(pubsub: PubSub, pullers: int) -> float:
     """The bare loop over the same backlog as the worker's: pulled and acked, no more."""
-    await publish_all(pubsub, "metrics", metric_payloads(METRICS, "ceiling"))
-    await publish_all(pubsub, "feedback", feedback_payloads(FEEDBACK, "ceiling"))
+    await publish_backlog(pubsub, "ceiling")
     metrics_rate = await raw_pull_ceiling(pubsub, "metrics-worker", METRICS, pullers)
     feedback_rate = await raw_pull_ceiling(pubsub, "feedback-worker", FEEDBACK, pullers)
     return (METRICS + FEEDBACK) / (METRICS / metrics_rate + FEEDBACK / feedback_rate)
@@ -189,9 +194,7 @@ async def _ceiling_rate(pubsub: PubSub, pullers: int) -> float:
 async def _drain_rate(settings: Settings, pubsub: PubSub) -> float:
     """A worker process draining the backlog into an empty database, from its start."""
     await fresh_database(DATABASE)  # recreated: every round writes into empty tables
-    tag = uuid.uuid4().hex[:6]
-    await publish_all(pubsub, "metrics", metric_payloads(METRICS, tag))
-    await publish_all(pubsub, "feedback", feedback_payloads(FEEDBACK, tag))
+    await publish_backlog(pubsub, uuid.uuid4().hex[:6])
     worker = start_worker(settings)
     started = time.monotonic()
     try:

@@ -122,22 +122,24 @@ class PullSource:
     # -- Settler -----------------------------------------------------------------------
 
     def ack(self, delivery: Delivery) -> None:
-        self._release(delivery)
-        self._acks.append(str(delivery.token))
+        ack_id = self._release(delivery)
+        self._acks.append(ack_id)
         if len(self._acks) >= MAX_PULL_MESSAGES:
             self._settle_now.set()
 
     def nack(self, delivery: Delivery) -> None:
-        self._release(delivery)
-        self._nacks.append(str(delivery.token))
+        self._nacks.append(self._release(delivery))
         self._settle_now.set()
 
-    def _release(self, delivery: Delivery) -> None:
-        held = self._outstanding.pop(str(delivery.token), None)
+    def _release(self, delivery: Delivery) -> str:
+        """Stop holding ``delivery``; its ack id (the token this source gave it)."""
+        ack_id = cast(str, delivery.token)
+        held = self._outstanding.pop(ack_id, None)
         if held is not None:
             self._outstanding_bytes -= held[1]
         if not self._room.is_set() and self._has_room():
             self._room.set()
+        return ack_id
 
     def _messages_to_ask(self) -> int:
         """What the next pull may ask for: within the message limit, and within the
