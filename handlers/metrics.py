@@ -134,8 +134,13 @@ def message_rows(
     rows: list[_Row] = []
     for index, sample in enumerate(samples):
         timestamp = sample.get("timestamp")
-        if timestamp is not None and timestamp > limit:
-            raise refuse(index, "timestamp", FUTURE_ERROR)
+        if timestamp is not None:
+            if timestamp > limit:
+                raise refuse(index, "timestamp", FUTURE_ERROR)
+            # In UTC from here on: the identity's canonical text is in UTC anyway, and
+            # asyncpg encodes a datetime in datetime.UTC faster than one in pydantic's
+            # fixed-offset tzinfo (about 0.8 against 1.2 us a row, measured).
+            timestamp = timestamp.astimezone(UTC)
         metadata_object, metadata = sample.get("metadata"), None
         if metadata_object is not None:
             try:
