@@ -59,6 +59,13 @@ def _drop(name: str) -> str:
     return f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'
 
 
+def scratch_settings(name: str) -> Settings:
+    """The environment's Settings, pointed at database ``name`` (nothing is created)."""
+    base = Settings.from_env()
+    url = make_url(base.database_url).set(database=name).render_as_string(False)
+    return dataclasses.replace(base, database_url=url)
+
+
 async def fresh_database(name: str) -> Settings:
     """Drop and recreate database ``name``, migrated to head, then checkpointed; its
     Settings.
@@ -68,10 +75,7 @@ async def fresh_database(name: str) -> Settings:
     the timed part.
     """
     await _as_admin(_drop(name))
-    base = Settings.from_env()
-    settings = dataclasses.replace(
-        base, database_url=make_url(base.database_url).set(database=name).render_as_string(False)
-    )
+    settings = scratch_settings(name)
     await upgrade(settings)
     if name not in DATABASES:
         DATABASES.append(name)

@@ -20,7 +20,7 @@ import uuid
 from concurrent.futures import Future
 from datetime import UTC, datetime, timedelta
 
-from bench.common import fresh_database, report
+from bench.common import fresh_database, report, scratch_settings
 from bench.stack import (
     bench_settings,
     fresh_topology,
@@ -221,7 +221,8 @@ async def _naive_rate(settings: Settings) -> float:
 
 
 async def run() -> None:
-    settings = bench_settings(await fresh_database(DATABASE))
+    # Each round creates the database afresh (_drain_rate).
+    settings = bench_settings(scratch_settings(DATABASE))
     pubsub = await fresh_topology(settings)
     # As many concurrent pulls as the worker makes: same client, same concurrency.
     pullers = PullSettings().pullers
