@@ -66,6 +66,7 @@ def metric_payloads(count: int, tag: str) -> list[bytes]:
 
 
 def feedback_payloads(count: int, tag: str) -> list[bytes]:
+    occurred_at = datetime.now(UTC).isoformat()
     return [
         json.dumps(
             {
@@ -73,7 +74,7 @@ def feedback_payloads(count: int, tag: str) -> list[bytes]:
                 "user_id": f"user-{i}",
                 "rating": i % 5 + 1,
                 "comment": "useful" if i % 2 else None,
-                "occurred_at": "2026-11-21T10:00:00Z",
+                "occurred_at": occurred_at,
             }
         ).encode()
         for i in range(count)

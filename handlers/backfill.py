@@ -22,14 +22,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from handlers.events import event_key, validate
+from handlers.events import event_key, refuse_expired, validate
 from handlers.tables import backfill_jobs
 from schemas.backfill import BackfillJobResponse, BackfillProgressEvent, BackfillStatus
 from worker.db import driver_connection, transaction
@@ -37,6 +37,8 @@ from worker.exceptions import ConflictError
 from worker.handler import BatchOutcome
 
 JOB_TTL_S = 300
+DEFAULT_RETENTION_DAYS = 180
+"""BACKFILL_RETENTION_DAYS's default (CONTRACT.md)."""
 
 
 def job_cache_key(job_id: UUID | str) -> str:
@@ -299,12 +301,19 @@ async def list_jobs(
 
 
 class BackfillHandler:
-    """The ``backfill-progress`` topic."""
+    """The ``backfill-progress`` topic. An event older than ``max_age``
+    (BACKFILL_RETENTION_DAYS) is ``expired``, whatever its status: its job may have
+    finished and been archived, and the event would recreate it."""
 
     topic = "backfill-progress"
 
+    def __init__(self, max_age: timedelta = timedelta(days=DEFAULT_RETENTION_DAYS)) -> None:
+        self.max_age = max_age
+
     def parse(self, payload: dict[str, Any], published_at: datetime) -> BackfillProgressEvent:
-        return validate(BackfillProgressEvent, payload)
+        event = validate(BackfillProgressEvent, payload)
+        refuse_expired(event.occurred_at, self.max_age, "occurred_at", "backfill_jobs")
+        return event
 
     async def apply(
         self, engine: AsyncEngine, items: Sequence[BackfillProgressEvent]

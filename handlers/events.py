@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import orjson
 from pydantic import BaseModel, TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
 
-from worker.exceptions import SchemaViolationError
+from worker.exceptions import ExpiredError, SchemaViolationError
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
@@ -25,6 +26,14 @@ def event_key(event: BaseModel) -> bytes:
     # as uuid.UUID, which orjson only serialises for the exact type.
     encoded = orjson.dumps(event.model_dump(), option=orjson.OPT_SORT_KEYS, default=str)
     return hashlib.sha256(encoded).digest()
+
+
+def refuse_expired(moment: datetime, max_age: timedelta, field: str, table: str) -> None:
+    """Raise ``ExpiredError`` if ``moment`` is older than ``table``'s retention window."""
+    if moment < datetime.now(UTC) - max_age:
+        raise ExpiredError(
+            f"{field}: older than the {max_age.days}-day retention window of {table}"
+        )
 
 
 def validate(model: type[M], payload: Any) -> M:

@@ -10,19 +10,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Select, bindparam, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from handlers.events import event_key, validate
+from handlers.events import event_key, refuse_expired, validate
 from handlers.tables import insight_feedback
 from schemas.feedback import FLAG_TYPES, FeedbackEvent, FeedbackRecord, FeedbackStats
 from worker.db import driver_connection, transaction
 from worker.handler import BatchOutcome
 
 STATS_TTL_S = 3600
+DEFAULT_RETENTION_DAYS = 730
+"""FEEDBACK_RETENTION_DAYS's default (CONTRACT.md)."""
 
 
 def stats_cache_key(insight_id: str) -> str:
@@ -171,12 +173,18 @@ async def list_feedback(
 
 
 class FeedbackHandler:
-    """The ``feedback`` topic."""
+    """The ``feedback`` topic. An event older than ``max_age`` (FEEDBACK_RETENTION_DAYS)
+    is ``expired``: it would recreate feedback that retention archived."""
 
     topic = "feedback"
 
+    def __init__(self, max_age: timedelta = timedelta(days=DEFAULT_RETENTION_DAYS)) -> None:
+        self.max_age = max_age
+
     def parse(self, payload: dict[str, Any], published_at: datetime) -> FeedbackEvent:
-        return validate(FeedbackEvent, payload)
+        event = validate(FeedbackEvent, payload)
+        refuse_expired(event.occurred_at, self.max_age, "occurred_at", "insight_feedback")
+        return event
 
     async def apply(self, engine: AsyncEngine, items: Sequence[FeedbackEvent]) -> BatchOutcome:
         async with transaction(engine) as conn:

@@ -28,6 +28,7 @@ from handlers.tables import system_metrics
 from schemas.metrics import (
     BATCH_FIELDS,
     FUTURE_ERROR,
+    MAX_FUTURE,
     SAMPLE_FIELDS,
     MetricAggregate,
     MetricPoint,
@@ -38,10 +39,12 @@ from schemas.metrics import (
     future_limit,
 )
 from worker.db import driver_connection, transaction
-from worker.exceptions import QueryError, SchemaViolationError, ValidationError
+from worker.exceptions import ExpiredError, QueryError, SchemaViolationError, ValidationError
 from worker.handler import BatchOutcome
 
 RECENT_TTL_S = 300
+DEFAULT_RETENTION_DAYS = 90
+"""METRICS_RETENTION_DAYS's default (CONTRACT.md)."""
 RECENT_LIMIT = 100
 
 # Fixed forever: changing it would give every republished sample a new identity.
@@ -120,27 +123,44 @@ class MetricsMessage:
 
 
 def message_rows(
-    samples: Sequence[SampleFields], published_at: datetime, path: str | None
+    samples: Sequence[SampleFields],
+    published_at: datetime,
+    path: str | None,
+    max_age: timedelta | None = None,
 ) -> MetricsMessage:
-    """Check the rules pydantic's core left to us (future limit, metadata) and build
-    the rows, in one pass. A violation names its field: ``path``, the sample's index
-    and the field, or the field alone when ``path`` is None (a single sample)."""
+    """Check the rules pydantic's core left to us (future limit, retention window,
+    metadata) and build the rows, in one pass. A violation names its field: ``path``,
+    the sample's index and the field, or the field alone when ``path`` is None (a
+    single sample). ``max_age`` is the retention window (None: not checked)."""
 
     def refuse(index: int, field: str, problem: str) -> SchemaViolationError:
         where = field if path is None else f"{path}{index}.{field}"
         return SchemaViolationError(f"{where}: {problem}")
 
+    def expired(index: int, field: str) -> ExpiredError:
+        where = field if path is None else f"{path}{index}.{field}"
+        return ExpiredError(f"{where}: {_expired_detail(max_age)}")
+
     limit = future_limit()
+    cutoff = None if max_age is None else limit - MAX_FUTURE - max_age  # now - max_age
+    # A sample without a timestamp takes the publish time: checked once, used if needed.
+    publish_time_refused = published_at > limit or (cutoff is not None and published_at < cutoff)
     rows: list[_Row] = []
     for index, sample in enumerate(samples):
         timestamp = sample.get("timestamp")
         if timestamp is not None:
             if timestamp > limit:
                 raise refuse(index, "timestamp", FUTURE_ERROR)
+            if cutoff is not None and timestamp < cutoff:
+                raise expired(index, "timestamp")
             # In UTC from here on, once: the identity's canonical text wants it, and
             # asyncpg encodes a datetime in datetime.UTC faster than one in pydantic's
-            # fixed-offset tzinfo (about 0.8 against 1.2 us a row, measured).
+            # fixed-offset tzinfo.
             timestamp = timestamp.astimezone(UTC)
+        elif publish_time_refused:
+            if published_at > limit:
+                raise refuse(index, "timestamp", f"none given, and the publish time {FUTURE_ERROR}")
+            raise expired(index, "timestamp (none given: the publish time)")
         metadata_object, metadata = sample.get("metadata"), None
         if metadata_object is not None:
             try:
@@ -164,6 +184,11 @@ def message_rows(
             )
         )
     return MetricsMessage(tuple(rows))
+
+
+def _expired_detail(max_age: timedelta | None) -> str:
+    days = 0 if max_age is None else max_age.days
+    return f"older than the {days}-day retention window of system_metrics"
 
 
 def samples_message(samples: Iterable[MetricSample], published_at: datetime) -> MetricsMessage:
@@ -386,16 +411,23 @@ async def aggregate(
 
 
 class MetricsHandler:
-    """The ``metrics`` topic: one sample, or up to 1000 in ``{"metrics": [...]}``."""
+    """The ``metrics`` topic: one sample, or up to 1000 in ``{"metrics": [...]}``.
+
+    A sample older than ``max_age`` (METRICS_RETENTION_DAYS) is ``expired``.
+    """
 
     topic = "metrics"
+
+    def __init__(self, max_age: timedelta = timedelta(days=DEFAULT_RETENTION_DAYS)) -> None:
+        self.max_age = max_age
 
     def parse(self, payload: dict[str, Any], published_at: datetime) -> MetricsMessage:
         if "metrics" in payload:
             # All or nothing: one bad sample refuses the whole message.
             samples = validate_fields(BATCH_FIELDS, payload)["metrics"]
-            return message_rows(samples, published_at, "metrics.")
-        return message_rows([validate_fields(SAMPLE_FIELDS, payload)], published_at, None)
+            return message_rows(samples, published_at, "metrics.", self.max_age)
+        sample = validate_fields(SAMPLE_FIELDS, payload)
+        return message_rows([sample], published_at, None, self.max_age)
 
     async def apply(self, engine: AsyncEngine, items: Sequence[MetricsMessage]) -> BatchOutcome:
         rows = _rows(items)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from pydantic import (
@@ -24,6 +24,15 @@ RFC3339_PATTERN = (
 )
 
 
+EARLIEST_TIMESTAMP = datetime(1, 1, 2, tzinfo=UTC)
+LATEST_TIMESTAMP = datetime(9999, 12, 30, tzinfo=UTC)
+"""The instants a timestamp may name: a day inside Python's datetime range, so that
+any offset converts to UTC (``0001-01-01T00:00:00+14:00`` has no UTC datetime), and
+PostgreSQL's timestamptz holds every one of them."""
+
+TIMESTAMP_RANGE_ERROR = "timestamp out of range (0001-01-02 to 9999-12-30 UTC)"
+
+
 class _Rfc3339:
     """Validates an aware datetime, or an RFC 3339 string with an offset, wholly in
     pydantic's core: a batch holds up to 1000 timestamps, and a Python callback for
@@ -33,7 +42,7 @@ class _Rfc3339:
         self, source: Any, handler: GetCoreSchemaHandler
     ) -> core_schema.CoreSchema:
         aware = core_schema.datetime_schema(tz_constraint="aware")
-        return core_schema.union_schema(
+        parsed = core_schema.union_schema(
             [
                 core_schema.datetime_schema(strict=True, tz_constraint="aware"),
                 core_schema.chain_schema(
@@ -45,6 +54,13 @@ class _Rfc3339:
                 "timestamp must be an RFC 3339 string with an offset (Z or +hh:mm)"
             ),
         )
+        # Compared as instants, in Rust: every later step may convert to UTC.
+        in_range = core_schema.custom_error_schema(
+            core_schema.datetime_schema(ge=EARLIEST_TIMESTAMP, le=LATEST_TIMESTAMP),
+            custom_error_type="timestamp_range",
+            custom_error_message=TIMESTAMP_RANGE_ERROR,
+        )
+        return core_schema.chain_schema([parsed, in_range])
 
     def __get_pydantic_json_schema__(
         self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler

@@ -10,7 +10,11 @@ from schemas.backfill import BackfillProgressEvent
 from schemas.feedback import FeedbackEvent
 from schemas.metrics import MetricSample
 
-T0 = datetime(2026, 11, 21, 10, 0, 0, tzinfo=UTC)
+# Six days ago at 10:00 UTC, never a fixed date: ingestion refuses events older than
+# their table's retention window (``expired``), and a fixed date would age into it.
+T0 = datetime.now(UTC).replace(hour=10, minute=0, second=0, microsecond=0) - timedelta(days=6)
+T0_TEXT = T0.isoformat().replace("+00:00", "Z")
+"""``T0`` as RFC 3339 text, as payloads carry it."""
 
 
 def at(minutes: float) -> datetime:
@@ -30,7 +34,7 @@ def backfill_payload(**changes: Any) -> dict[str, Any]:
         "error_message": None,
         "estimated_completion": None,
         "created_by": "admin",
-        "occurred_at": "2026-11-21T10:00:00Z",
+        "occurred_at": T0_TEXT,
     }
     payload.update(changes)
     return payload
@@ -44,7 +48,7 @@ def feedback_payload(**changes: Any) -> dict[str, Any]:
         "comment": "Great insight!",
         "flag_type": None,
         "flag_reason": None,
-        "occurred_at": "2026-11-21T10:00:00Z",
+        "occurred_at": T0_TEXT,
     }
     payload.update(changes)
     return payload
@@ -57,7 +61,7 @@ def metric_payload(**changes: Any) -> dict[str, Any]:
         "metric_type": "cpu",
         "metric_value": 45.5,
         "unit": "percent",
-        "timestamp": "2026-11-21T10:00:00Z",
+        "timestamp": T0_TEXT,
         "metadata": {"host": "a"},
     }
     payload.update(changes)

@@ -38,6 +38,14 @@ _TIMEOUT_VARIABLES = {
 }
 
 
+_RETENTION_ATTRIBUTES = (
+    "backup_retention_days",
+    "metrics_retention_days",
+    "feedback_retention_days",
+    "backfill_retention_days",
+)
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str = DEFAULT_DATABASE_URL
@@ -69,6 +77,13 @@ class Settings:
             # 0 means "no timeout" to asyncpg and to PostgreSQL: refused, never infinite.
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{variable} must be a positive number of seconds, got {value}")
+        for attribute in _RETENTION_ATTRIBUTES:
+            # 0 would expire every event and archive every row.
+            if getattr(self, attribute) < 1:
+                variable = attribute.upper()
+                raise ValueError(
+                    f"{variable} must be at least 1 day, got {getattr(self, attribute)}"
+                )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

@@ -17,7 +17,12 @@ MAX_REQUEST_BYTES = 9 * 1024 * 1024
 
 
 def rfc3339(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    """``moment`` in UTC; in its own offset if UTC cannot hold it (year 1 at +14:00):
+    a dead letter's attributes must never fail to build."""
+    try:
+        return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    except OverflowError:
+        return moment.isoformat()
 
 
 def _cut(text: str, limit: int) -> str:

@@ -21,21 +21,42 @@ from worker.exceptions import (
 MAX_MESSAGE_BYTES = 1024 * 1024
 
 
-def _nul_path(value: Any, path: str) -> str | None:
-    """The path of the first string (or key) holding a NUL character, if any."""
-    if isinstance(value, str):
-        return path if "\x00" in value else None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            found = _nul_path(key, f"{path}.<key>") or _nul_path(item, f"{path}.{key}")
-            if found:
-                return found
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            found = _nul_path(item, f"{path}[{index}]")
-            if found:
-                return found
+def _nul_path(value: Any) -> str | None:
+    """The path of the first string (or key) holding a NUL character, if any.
+
+    Iterative: the data comes from any publisher, and orjson accepts nesting far
+    deeper than Python's recursion limit.
+    """
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return path
+        elif isinstance(item, dict):
+            children: list[tuple[Any, str]] = []
+            for key, child in item.items():
+                if "\x00" in key:
+                    return _join(path, "<key>")
+                children.append((child, _join(path, str(key))))
+            stack.extend(reversed(children))  # first key first, as a reader expects
+        elif isinstance(item, list):
+            stack.extend((item[i], f"{path}[{i}]") for i in reversed(range(len(item))))
     return None
+
+
+MAX_PATH_CHARS = 200
+
+
+def _shortened(path: str) -> str:
+    """A path short enough that the detail (cut at 1024) still says what is wrong."""
+    if len(path) <= MAX_PATH_CHARS:
+        return path
+    return f"{path[: MAX_PATH_CHARS // 2]}...{path[-MAX_PATH_CHARS // 2 :]}"
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
 
 
 def decode_json_object(data: bytes) -> dict[str, Any]:
@@ -54,7 +75,7 @@ def decode_json_object(data: bytes) -> dict[str, Any]:
         raise InvalidJsonError(f"data: a JSON object is required, got {type(value).__name__}")
     # An escape is the only way NUL gets into valid JSON text: walk only then.
     if b"\\u0000" in data:
-        found = _nul_path(value, "data")
-        if found:
-            raise SchemaViolationError(f"{found.removeprefix('data.')}: NUL character in text")
+        found = _nul_path(value)
+        if found is not None:
+            raise SchemaViolationError(f"{_shortened(found)}: NUL character in text")
     return value

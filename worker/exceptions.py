@@ -47,6 +47,13 @@ class SchemaViolationError(PermanentError):
     reason = "schema_violation"
 
 
+class ExpiredError(PermanentError):
+    """An event older than its table's retention window: applying it would recreate a
+    row that retention archived (CONTRACT.md, Retention and archives)."""
+
+    reason = "expired"
+
+
 class DatabaseError(WorkerError):
     """Any failure of the database layer."""
 

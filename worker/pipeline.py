@@ -32,6 +32,7 @@ from worker.decoding import decode_json_object
 from worker.delivery import Delivery
 from worker.exceptions import PermanentError, WorkerError
 from worker.handler import BatchOutcome, Handler
+from worker.supervision import keep_running
 from worker.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,12 @@ class TopicPipeline:
     # -- intake ----------------------------------------------------------------------
 
     def submit(self, delivery: Delivery) -> None:
-        """Decode and validate now; the delivery is settled later by a flush."""
+        """Decode and validate now; the delivery is settled later by a flush.
+
+        Never raises: a message whose validation fails unexpectedly (a bug, or an
+        input nobody foresaw) is nacked at once, alone, so Pub/Sub redelivers it and
+        dead-letters it after its attempts; its neighbours go on as usual.
+        """
         entry = _Entry(delivery, error=delivery.error)
         if entry.error is None:
             try:
@@ -133,6 +139,9 @@ class TopicPipeline:
                 entry.item = self.handler.parse(payload, delivery.publish_time)
             except PermanentError as error:
                 entry.error = error
+            except Exception:
+                self._unexpected("validate", [delivery])
+                return
         if not self._pending:
             self._oldest_at = time.monotonic()
             self._wakeup.set()  # a batch has started: its delay clock runs
@@ -151,6 +160,26 @@ class TopicPipeline:
 
     async def run(self) -> None:
         """Flush batches until cancelled."""
+        await keep_running(f"flush-{self.topic}", self._flush_loop, self.count_unexpected)
+
+    def count_unexpected(self, stage: str) -> None:
+        self.telemetry.unexpected_errors.add(1, {"topic": self.topic, "stage": stage})
+
+    def _unexpected(self, stage: str, deliveries: Sequence[Delivery]) -> None:
+        """Log the exception being handled once, with its stack, and nack ``deliveries``."""
+        log.exception(
+            "unexpected error, nacking",
+            extra={
+                "topic": self.topic,
+                "stage": stage,
+                "message_ids": [d.message_id for d in deliveries[:10]],
+                "messages": len(deliveries),
+            },
+        )
+        self.count_unexpected(stage)
+        self._nack(deliveries)
+
+    async def _flush_loop(self) -> None:
         delay_s = self.settings.max_batch_delay_ms / 1000
         while True:
             if not self._pending:
@@ -218,11 +247,10 @@ class TopicPipeline:
             try:
                 await self._settle(batch)
             except Exception:
-                # A bug, not a fault we know: never ack what we cannot vouch for.
-                log.exception("batch failed unexpectedly", extra={"topic": self.topic})
+                # The last resort (each step isolates its messages already): never ack
+                # what we cannot vouch for.
                 span.set_attribute("error", True)
-                self._nack([e.delivery for e in batch if not e.delivery.settled])
-                self.backoff.failed()
+                self._unexpected("settle", [e.delivery for e in batch if not e.delivery.settled])
 
     async def _settle(self, batch: list[_Entry]) -> None:
         # Counted per batch, not per message: an OpenTelemetry call costs as much as
@@ -237,7 +265,7 @@ class TopicPipeline:
             self.telemetry.batch_size.record(len(valid), self._attributes)
             started = time.perf_counter()
             try:
-                outcome = await self._apply([e.item for e in valid])
+                outcome, unexpected = await self._apply([e.item for e in valid])
             except WorkerError as error:
                 log.warning(
                     "batch not committed, nacked for redelivery",
@@ -246,15 +274,21 @@ class TopicPipeline:
                 self._nack([e.delivery for e in valid])
                 self.backoff.failed()
                 valid = []
-                outcome = BatchOutcome()
+                outcome, unexpected = BatchOutcome(), []
             else:
                 self.backoff.succeeded()
                 self.telemetry.commit_latency_ms.record(
                     (time.perf_counter() - started) * 1000, self._attributes
                 )
+            if unexpected:
+                self._nack([valid[i].delivery for i in unexpected])
             failures = outcome.failures
             dead.extend((valid[i].delivery, failures[i]) for i in sorted(failures))
-            committed = [e.delivery for i, e in enumerate(valid) if i not in failures]
+            committed = [
+                e.delivery
+                for i, e in enumerate(valid)
+                if i not in failures and not e.delivery.settled
+            ]
             if committed and outcome.cache_keys and self.after_commit is not None:
                 self.crash_points.reach(CrashPoint.AFTER_COMMIT)
                 try:
@@ -276,19 +310,32 @@ class TopicPipeline:
         if dead:
             await self._dead_letter(dead)
 
-    async def _apply(self, items: Sequence[Any]) -> BatchOutcome:
-        """Apply a batch; if it is refused as a whole, find the culprits by halving."""
+    async def _apply(self, items: Sequence[Any]) -> tuple[BatchOutcome, list[int]]:
+        """Apply a batch; if it is refused as a whole, find the culprits by halving.
+
+        A permanent refusal of one item is its failure (dead-lettered); an unexpected
+        exception of one item is listed apart (nacked, alone), so that neither costs
+        its neighbours their commit. Transient errors propagate: the batch is retried.
+        """
         try:
-            return await self.handler.apply(self._handler_engine, items)
+            return await self.handler.apply(self._handler_engine, items), []
         except PermanentError as error:
             if len(items) == 1:
-                return BatchOutcome(failures={0: error})
+                return BatchOutcome(failures={0: error}), []
+        except WorkerError:
+            raise
+        except Exception:
+            if len(items) == 1:
+                log.exception("unexpected error applying a message", extra={"topic": self.topic})
+                self.count_unexpected("apply")
+                return BatchOutcome(), [0]
         middle = len(items) // 2
-        left = await self._apply(items[:middle])
-        right = await self._apply(items[middle:])
+        left, left_unexpected = await self._apply(items[:middle])
+        right, right_unexpected = await self._apply(items[middle:])
         failures = dict(left.failures)
         failures.update({middle + i: e for i, e in right.failures.items()})
-        return BatchOutcome(failures=failures, cache_keys=left.cache_keys | right.cache_keys)
+        outcome = BatchOutcome(failures=failures, cache_keys=left.cache_keys | right.cache_keys)
+        return outcome, left_unexpected + [middle + i for i in right_unexpected]
 
     async def _dead_letter(self, dead: list[tuple[Delivery, PermanentError]]) -> None:
         try:

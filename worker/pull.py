@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -35,6 +36,7 @@ from worker.delivery import Delivery
 from worker.exceptions import WorkerError
 from worker.pipeline import TopicPipeline
 from worker.pubsub import PubSub
+from worker.supervision import keep_running
 
 log = logging.getLogger(__name__)
 
@@ -182,13 +184,19 @@ class PullSource:
 
     def start(self) -> None:
         self._pulling = [
-            asyncio.create_task(self._pull_loop(), name=f"pull-{self.subscription}-{i}")
-            for i in range(self.settings.pullers)
+            self._supervised("pull", self._pull_loop) for _ in range(self.settings.pullers)
         ]
         self._background = [
-            asyncio.create_task(self._settle_loop(), name=f"settle-{self.subscription}"),
-            asyncio.create_task(self._lease_loop(), name=f"lease-{self.subscription}"),
+            self._supervised("settle", self._settle_loop),
+            self._supervised("lease", self._lease_loop),
         ]
+
+    def _supervised(self, stage: str, loop: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
+        """A task running ``loop``, restarted whenever it raises unexpectedly."""
+        name = f"{stage}-{self.subscription}"
+        return asyncio.create_task(
+            keep_running(name, loop, lambda _: self.pipeline.count_unexpected(stage)), name=name
+        )
 
     async def stop_pulling(self) -> None:
         """Let the pulls in flight return (their messages are kept), start no more."""
@@ -254,15 +262,30 @@ class PullSource:
             self._traffic.set()
             deliveries = self._deliveries(received)
             self._hold(deliveries)
+            await self._submit(deliveries)
+
+    async def _submit(self, deliveries: list[Delivery]) -> None:
+        """Hand a pull's messages to the pipeline, letting other tasks run meanwhile.
+
+        Whatever interrupts this (a bug, a cancellation at stop) releases the messages
+        not yet handed over: nacked, they go back to Pub/Sub at once.
+        """
+        submitted = 0
+        try:
             slice_ends = time.perf_counter() + YIELD_EVERY_S
             for delivery in deliveries:
                 self.pipeline.submit(delivery)
+                submitted += 1
                 if time.perf_counter() >= slice_ends:
                     # A pull may bring 100 messages of 1000 samples: validating them
                     # all in one go would starve the flushes, whose next statement
                     # or COPY chunk waits for the loop while PostgreSQL sits idle.
                     await asyncio.sleep(0)
                     slice_ends = time.perf_counter() + YIELD_EVERY_S
+        except BaseException:
+            for delivery in deliveries[submitted:]:
+                delivery.nack()
+            raise
 
     def _deliveries(self, received: list[Any]) -> list[Delivery]:
         """A pull's messages as deliveries, each protobuf field read once."""

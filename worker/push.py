@@ -20,7 +20,7 @@ import orjson
 from worker.crashpoints import CrashPoints
 from worker.deadletter import DeadLetterPublisher
 from worker.delivery import Delivery
-from worker.exceptions import InvalidEncodingError
+from worker.exceptions import InvalidEncodingError, PermanentError, SchemaViolationError
 from worker.handler import Handler
 from worker.pipeline import AfterCommit, BatchSettings, TopicPipeline
 from worker.telemetry import Telemetry
@@ -56,14 +56,24 @@ def _field(message: dict[str, Any], camel: str, snake: str) -> Any:
     return message.get(camel, message.get(snake))
 
 
-def _publish_time(value: Any) -> datetime:
+_EARLIEST = datetime.min.replace(tzinfo=UTC)
+
+
+def _publish_time(value: Any) -> tuple[datetime, SchemaViolationError | None]:
+    """The publish time in UTC, as the pull source gives it; or, for a time UTC cannot
+    hold (year 1 at +14:00), the earliest time and the message's schema violation."""
     if not isinstance(value, str):
-        return datetime.now(UTC)
+        return datetime.now(UTC), None
     try:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        raise EnvelopeError(f"message.publishTime is not RFC 3339: {value!r}") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        raise EnvelopeError(f"message.publishTime is not RFC 3339: {value[:64]!r}") from None
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC), None
+    try:
+        return moment.astimezone(UTC), None
+    except OverflowError:
+        return _EARLIEST, SchemaViolationError(f"publishTime: out of range: {value[:64]}")
 
 
 def parse_envelope(body: bytes) -> Delivery:
@@ -90,22 +100,23 @@ def parse_envelope(body: bytes) -> Delivery:
     raw = message.get("data", "")
     if not isinstance(raw, str):
         raise EnvelopeError("message.data must be a base64 string")
-    refused: InvalidEncodingError | None = None
+    refused: PermanentError | None = None
     try:
         data = base64.b64decode(raw, validate=True)
     except (binascii.Error, ValueError):
         data, refused = raw.encode("utf-8"), InvalidEncodingError("data: not valid base64")
+    publish_time, out_of_range = _publish_time(_field(message, "publishTime", "publish_time"))
     attempt = envelope.get("deliveryAttempt")
     subscription = envelope.get("subscription")
     return Delivery(
         data=data,
         attributes=dict(attributes),
         message_id=message_id,
-        publish_time=_publish_time(_field(message, "publishTime", "publish_time")),
+        publish_time=publish_time,
         subscription=subscription if isinstance(subscription, str) else "",
         settler=_SETTLER,
         delivery_attempt=attempt if isinstance(attempt, int) else None,
-        error=refused,
+        error=refused or out_of_range,
     )
 
 

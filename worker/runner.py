@@ -60,7 +60,7 @@ class Worker:
         dead_letters = DeadLetterPublisher(self.pubsub)
         # Redis is only needed by the updater; ingestion never waits for it.
         self.cache = Cache(create_redis(settings)) if INVALIDATION_TOPIC in options.topics else None
-        handlers = build_handlers(self.cache)
+        handlers = build_handlers(settings, self.cache)
         # Every committed ingest batch names its cache keys on cache-invalidation,
         # whether or not this process also runs the updater.
         publish_invalidations = InvalidationPublisher(self.pubsub)

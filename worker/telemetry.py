@@ -33,6 +33,8 @@ class Telemetry:
         self.committed = meter.create_counter("worker.messages.committed", unit="{message}")
         self.dead_lettered = meter.create_counter("worker.messages.dead_lettered", unit="{message}")
         self.nacked = meter.create_counter("worker.messages.nacked", unit="{message}")
+        # Exceptions no code path expected (bugs, inputs nobody foresaw), by stage.
+        self.unexpected_errors = meter.create_counter("worker.unexpected_errors", unit="{error}")
         self.batch_size = meter.create_histogram("worker.batch.size", unit="{message}")
         self.commit_latency_ms = meter.create_histogram("worker.batch.commit_latency", unit="ms")
         # Per batch, the lag of its oldest message: an upper bound for all of them.

@@ -47,6 +47,7 @@ from tests.faults.oracle import (
     metric_identity,
 )
 from tests.faults.workload import (
+    EPOCH,
     TOPICS,
     OutgoingMessage,
     Workload,
@@ -61,7 +62,7 @@ from worker.exceptions import PermanentError, SchemaViolationError
 from worker.pubsub import PubSub, PubsubMessage
 from worker.topology import RUN_TOPICS
 
-T0 = datetime(2026, 10, 1, 12, 0, tzinfo=UTC)
+T0 = EPOCH + timedelta(hours=12)
 JOB = uuid.UUID("5d0e6f7a-3c1b-4f7e-9a55-1f1f7f1d2c3b")
 RETRIED = uuid.UUID("00000000-0000-4000-8000-000000000002")
 SINGLE = uuid.UUID("00000000-0000-4000-8000-000000000003")
@@ -193,7 +194,7 @@ def sample(**changes: Any) -> dict[str, Any]:
         "metric_type": "cpu",
         "metric_value": 45.5,
         "unit": "percent",
-        "timestamp": "2026-10-01T12:00:00Z",
+        "timestamp": at(0),
         "metadata": {"host": "a", "zone": "ü"},
     }
     payload.update(changes)
@@ -204,7 +205,7 @@ def test_metrics_oracle_identities() -> None:
     named = sample(event_id=str(uuid.UUID(int=1)))
     anonymous = sample()
     # The same sample: another offset, other key orders, another layout.
-    same = dict(reversed(list(sample(timestamp="2026-10-01T14:00:00+02:00").items())))
+    same = dict(reversed(list(sample(timestamp=at(0, offset_h=2)).items())))
     same["metadata"] = {"zone": "ü", "host": "a"}
     other = sample(metric_value=45.25)
     events: list[tuple[str, Any]] = [

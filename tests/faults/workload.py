@@ -44,9 +44,10 @@ from worker.pubsub import PubSub, PubsubMessage
 TOPICS = ("backfill-progress", "feedback", "metrics")
 BACKFILL, FEEDBACK, METRICS = TOPICS
 
-# Fixed and in the past: the workload depends on the seed only, and no metric
-# timestamp is ever "more than 24 h in the future". Spans two metric partitions.
-EPOCH = datetime(2026, 10, 1, tzinfo=UTC)
+# In the past, and relative to today: no metric timestamp is ever "more than 24 h in
+# the future" nor older than the 90-day retention window (``expired``). Midnight, so
+# that the workload depends on the seed and the day only. Spans two metric partitions.
+EPOCH = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=60)
 METRIC_SPAN_S = 45 * 86_400
 MAX_BLOCK = 2_147_483_647
 TOO_LARGE_BYTES = 1024 * 1024 + 1
@@ -125,6 +126,12 @@ class Workload:
 def rfc3339(moment: datetime, tz: timezone = UTC, z: bool = True) -> str:
     text = moment.astimezone(tz).isoformat()
     return text.replace("+00:00", "Z") if z else text
+
+
+def _naive(moment: datetime) -> str:
+    """``moment`` as RFC 3339 text without its offset (10:00 of its day), which the
+    contract refuses."""
+    return moment.strftime("%Y-%m-%dT10:00:00")
 
 
 def _any_offset(rng: random.Random, moment: datetime) -> str:
@@ -379,7 +386,7 @@ POISONS: dict[str, PoisonCase] = {
         BACKFILL,
         SV,
         "occurred_at",
-        lambda r: _dumps(_fresh_job(r, occurred_at="2026-10-01T10:00:00")),
+        lambda r: _dumps(_fresh_job(r, occurred_at=_naive(EPOCH))),
     ),
     "bf_nul_job_type": PoisonCase(
         BACKFILL, SV, "job_type", lambda r: _dumps(_fresh_job(r, job_type="blo\x00cks"))
@@ -427,7 +434,7 @@ POISONS: dict[str, PoisonCase] = {
         FEEDBACK,
         SV,
         "occurred_at",
-        lambda r: _dumps(_fresh_feedback(r, occurred_at="2026-10-01T10:00:00.5")),
+        lambda r: _dumps(_fresh_feedback(r, occurred_at=_naive(EPOCH) + ".5")),
     ),
     "fb_nul_comment": PoisonCase(
         FEEDBACK, SV, "comment", lambda r: _dumps(_fresh_feedback(r, comment="a\x00b"))
@@ -485,7 +492,7 @@ POISONS: dict[str, PoisonCase] = {
         METRICS,
         SV,
         "timestamp",
-        lambda r: _dumps(_fresh_sample(r, timestamp="2026-10-01 10:00:00")),
+        lambda r: _dumps(_fresh_sample(r, timestamp=_naive(EPOCH).replace("T", " "))),
     ),
     "m_nul_service": PoisonCase(
         METRICS, SV, "service_name", lambda r: _dumps(_fresh_sample(r, service_name="web\x00api"))

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from handlers.service import DatabaseService
 from schemas.backfill import MAX_BLOCK, BackfillJobResponse, BackfillProgressEvent
-from tests.factories import at, backfill_payload, progress
+from tests.factories import T0, at, backfill_payload, progress
 from worker.exceptions import ConflictError, NotFoundError, ValidationError
 
 
@@ -75,7 +75,7 @@ async def test_contract_example_round_trips(db: DatabaseService) -> None:
         805000,
     )
     assert job.progress_percentage == Decimal("50.00")
-    assert job.started_at == datetime(2026, 11, 21, 10, tzinfo=UTC)
+    assert job.started_at == T0
     assert job.created_by == "admin"
 
 

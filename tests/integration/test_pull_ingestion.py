@@ -208,7 +208,10 @@ async def test_feedback_latest_event_wins_whatever_the_arrival(
         opinion("i1", "u2", 3, comment="wrong", flag_type="misleading", flag_reason="numbers"),
         # An event with an offset: its instant, not its text, orders it.
         feedback_payload(
-            insight_id="i1", user_id="u2", rating=1, occurred_at="2026-11-21T11:02:00+01:00"
+            insight_id="i1",
+            user_id="u2",
+            rating=1,
+            occurred_at=(at(2) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%S+01:00"),
         ),
         opinion("i2", "u1", 5, comment=text_as_is),
         opinion("i2", "u3", 1, rating=3, event_id=event_id),
@@ -336,6 +339,8 @@ def rejected_backfill(job_id: uuid.UUID) -> dict[str, Outgoing]:
         "too_large": bad("too_large", {**good, "error_message": "x" * TOO_BIG}),
         # The stored job ends at 810000: same id, another range.
         "conflict": bad("conflict", {**good, "end_block": 820000}),
+        # Past BACKFILL_RETENTION_DAYS (180): it could recreate an archived job.
+        "expired": bad("expired", {**good, "occurred_at": iso(T0 - timedelta(days=200))}),
     }
 
 
@@ -352,6 +357,12 @@ def rejected_feedback() -> dict[str, Outgoing]:
         # An unknown field with a very long name: the detail is cut, still names it.
         "schema_violation_long": bad("schema_violation_long", {**good, "y" * 3000: 1}),
         "too_large": bad("too_large", {**good, "comment": "x" * TOO_BIG}),
+        # Valid JSON nested deeper than Python's recursion limit, a NUL at the bottom.
+        "schema_violation_deep": bad(
+            "schema_violation_deep",
+            b'{"comment": ' + b"[" * 1000 + b'"\\u0000"' + b"]" * 1000 + b"}",
+        ),
+        "expired": bad("expired", {**good, "occurred_at": iso(T0 - timedelta(days=800))}),
     }
 
 
@@ -367,19 +378,34 @@ def rejected_metrics() -> dict[str, Outgoing]:
             "schema_violation_batch", {"metrics": [*doomed[:2], {**doomed[2], "unit": ""}]}
         ),
         "too_large": bad("too_large", {**good, "metadata": {"blob": "x" * TOO_BIG}}),
+        # Past METRICS_RETENTION_DAYS (90), in the second sample: the whole message goes.
+        "expired": bad(
+            "expired",
+            {"metrics": [doomed[0], {**doomed[1], "timestamp": iso(T0 - timedelta(days=100))}]},
+        ),
     }
 
 
 # Which field each schema violation's detail must name.
 DETAIL_NAMES = {
-    "backfill-progress": {"schema_violation": "status", "conflict": "end_block"},
+    "backfill-progress": {
+        "schema_violation": "status",
+        "conflict": "end_block",
+        "expired": "occurred_at",
+    },
     "feedback": {
         "schema_violation": "rating",
         "schema_violation_nul": "comment",
         "schema_violation_naive_time": "occurred_at",
         "schema_violation_long": "yyyy",
+        "schema_violation_deep": "comment[0]",
+        "expired": "occurred_at",
     },
-    "metrics": {"schema_violation": "metric_value", "schema_violation_batch": "metrics.2.unit"},
+    "metrics": {
+        "schema_violation": "metric_value",
+        "schema_violation_batch": "metrics.2.unit",
+        "expired": "metrics.1.timestamp",
+    },
 }
 SUBSCRIPTIONS = {
     "backfill-progress": "backfill-progress-worker",
