@@ -1,10 +1,11 @@
 """Google-style OIDC tokens minted locally: RSA keys, a self-signed certificate, and
 every forged or wrong token the push endpoint must refuse.
 
-No network: ``Keys.fetch`` stands in for Google's certificate endpoint (inject it as
+No network: ``CertSource.fetch`` stands in for Google's certificate endpoint (inject it as
 ``CertCache(fetch=...)``). Tokens are built by hand (base64url JSON, RS256 through
 ``cryptography``) so that broken ones (``alg: none``, HS256 with the public key as the
-HMAC secret, a tampered payload) can be made as easily as good ones.
+HMAC secret, a tampered payload) can be made as easily as good ones. ``CertSource``
+can also fail or hang like an outage, and ``Clock`` stands in for the module's clock.
 """
 
 from __future__ import annotations
@@ -19,12 +20,16 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
+
+from worker import oidc
 
 AUDIENCE = "https://utxoiq-worker.example.run.app/push"
 SERVICE_ACCOUNT = "pubsub-push@utxoiq-test.iam.gserviceaccount.com"
@@ -122,23 +127,51 @@ def tampered(payload_changes: Mapping[str, Any]) -> str:
 
 
 def google_certs() -> dict[str, str]:
-    """The certificate set ``Keys.fetch`` serves: our signing key's certificate."""
+    """The certificate set ``CertSource.fetch`` serves: our signing key's certificate."""
     return {KEY_ID: certificate_pem(private_key("google"))}
 
 
 @dataclass
 class CertSource:
-    """A fake of Google's certificate endpoint: counts fetches; ``certs`` may change."""
+    """A fake of Google's certificate endpoint: counts fetches; ``certs`` may change.
+
+    An outage is ``failure`` (raised by every fetch while set) or ``hang`` (every
+    fetch waits until cancelled, like an endpoint that never answers).
+    """
 
     certs: dict[str, str] = field(default_factory=google_certs)
     ttl_s: float = 3600.0
     fetches: int = 0
+    failure: BaseException | None = None
+    hang: bool = False
 
     async def fetch(self) -> tuple[Mapping[str, str], float]:
         self.fetches += 1
         # The real fetch runs in a thread: other requests run while it is in flight.
         await asyncio.sleep(0)
+        if self.hang:
+            await asyncio.Event().wait()
+        if self.failure is not None:
+            raise self.failure
         return dict(self.certs), self.ttl_s
+
+
+class Clock:
+    """Stands in for ``time.monotonic`` inside ``worker.oidc`` (see ``install``)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> Clock:
+        # Replace the module's reference only: the event loop keeps the real clock.
+        monkeypatch.setattr(oidc, "time", SimpleNamespace(monotonic=self.monotonic))
+        return self
 
 
 def bearer(token: str) -> str:
@@ -169,6 +202,14 @@ BAD_AUTH: dict[str, BadAuth] = {
         401,
     ),
     "no_exp": BadAuth(lambda: bearer(sign_rs256(claims(exp=None))), 401),
+    "not_yet_valid": BadAuth(lambda: bearer(sign_rs256(claims(nbf=int(time.time()) + 3600))), 401),
+    "nbf_beyond_the_skew": BadAuth(
+        lambda: bearer(sign_rs256(claims(nbf=int(time.time()) + oidc.CLOCK_SKEW_S + 30))), 401
+    ),
+    "nbf_a_string": BadAuth(lambda: bearer(sign_rs256(claims(nbf="0"))), 401),
+    "nbf_a_bool": BadAuth(lambda: bearer(sign_rs256(claims(nbf=False))), 401),
+    "nbf_infinite": BadAuth(lambda: bearer(sign_rs256(claims(nbf=float("inf")))), 401),
+    "nbf_nan": BadAuth(lambda: bearer(sign_rs256(claims(nbf=float("nan")))), 401),
     "wrong_email": BadAuth(
         lambda: bearer(sign_rs256(claims(email="intruder@evil.iam.gserviceaccount.com"))), 403
     ),
@@ -201,6 +242,10 @@ BAD_AUTH: dict[str, BadAuth] = {
     "not_a_jwt": BadAuth(lambda: "Bearer not-a-jwt", 401),
     "garbage_segments": BadAuth(lambda: "Bearer a.b.c", 401),
     "header_not_object": BadAuth(lambda: f"Bearer {segment([1])}.{segment(claims())}.", 401),
+    "oversized_garbage": BadAuth(lambda: "Bearer " + "x" * 1024 * 1024, 401),
+    "garbage_segments_under_the_limit": BadAuth(
+        lambda: "Bearer " + ".".join(["x" * 4000] * 3), 401
+    ),
 }
 
 

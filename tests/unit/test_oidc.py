@@ -7,7 +7,8 @@ every wrong or forged token must raise ``AuthError`` (401) or ``ForbiddenError``
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
+import logging
+import time
 
 import pytest
 
@@ -17,6 +18,7 @@ from tests.oidc_tokens import (
     KEY_ID,
     SERVICE_ACCOUNT,
     CertSource,
+    Clock,
     bearer,
     certificate_pem,
     claims,
@@ -29,28 +31,20 @@ from worker import oidc
 from worker.api import push_verifier
 from worker.config import Settings
 from worker.exceptions import WorkerError
-from worker.oidc import AuthError, CertCache, CertsUnavailableError, ForbiddenError, PushVerifier
-
-
-class Clock:
-    """Stands in for ``time.monotonic`` inside ``worker.oidc`` only."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from worker.oidc import (
+    CERTS_RETRY_AFTER_S,
+    CLOCK_SKEW_S,
+    AuthError,
+    CertCache,
+    CertsUnavailableError,
+    ForbiddenError,
+    PushVerifier,
+)
 
 
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    fake = Clock()
-    # Replace the module's reference only: the event loop keeps the real clock.
-    monkeypatch.setattr(oidc, "time", SimpleNamespace(monotonic=fake.monotonic))
-    return fake
+    return Clock().install(monkeypatch)
 
 
 @pytest.fixture
@@ -191,21 +185,102 @@ async def test_a_removed_key_stops_verifying_after_the_ttl(clock: Clock) -> None
 
 
 async def test_unavailable_certs_are_transient_and_retried(clock: Clock) -> None:
-    source = CertSource()
-    failing = True
-
-    async def fetch() -> tuple[dict[str, str], float]:
-        if failing:
-            raise CertsUnavailableError("certificates: HTTP 500")
-        certs, ttl_s = await source.fetch()
-        return dict(certs), ttl_s
-
-    verifier = PushVerifier(AUDIENCE, [SERVICE_ACCOUNT], CertCache(fetch=fetch))
+    source = CertSource(failure=CertsUnavailableError("certificates: HTTP 500"))
+    verifier = PushVerifier(AUDIENCE, [SERVICE_ACCOUNT], CertCache(fetch=source.fetch))
     with pytest.raises(CertsUnavailableError) as raised:
         await verifier.verify(valid_authorization())
     assert isinstance(raised.value, WorkerError) and raised.value.transient
-    failing = False
+    source.failure = None
+    clock.advance(CERTS_RETRY_AFTER_S)
     assert (await verifier.verify(valid_authorization())).email == SERVICE_ACCOUNT
+    assert source.fetches == 2
+
+
+# -- nbf ----------------------------------------------------------------------------------
+
+
+async def test_a_past_nbf_is_accepted(verifier: PushVerifier) -> None:
+    token = sign_rs256(claims(nbf=int(time.time()) - 60))
+    assert (await verifier.verify(bearer(token))).email == SERVICE_ACCOUNT
+
+
+async def test_an_nbf_within_the_clock_skew_is_accepted(verifier: PushVerifier) -> None:
+    token = sign_rs256(claims(nbf=int(time.time()) + CLOCK_SKEW_S - 3))
+    assert (await verifier.verify(bearer(token))).email == SERVICE_ACCOUNT
+
+
+async def test_a_future_nbf_is_refused_as_not_yet_valid(verifier: PushVerifier) -> None:
+    with pytest.raises(AuthError, match=r"^token not yet valid$"):
+        await verifier.verify(BAD_AUTH["not_yet_valid"].header())
+
+
+# -- what a refusal tells the client ------------------------------------------------------
+
+CLIENT_SAFE_MESSAGES = {
+    "no Authorization header",
+    "Authorization is not a Bearer token",
+    "invalid token",
+    "token not yet valid",
+    "identity may not push",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_AUTH))
+async def test_a_refusal_echoes_nothing_and_names_no_configuration(
+    case: str, verifier: PushVerifier, caplog: pytest.LogCaptureFixture
+) -> None:
+    header = BAD_AUTH[case].header()
+    token = (header or "").partition(" ")[2].strip()
+    with (
+        caplog.at_level(logging.INFO, logger="worker.oidc"),
+        pytest.raises((AuthError, ForbiddenError)) as raised,
+    ):
+        await verifier.verify(header)
+    message = str(raised.value)
+    assert message in CLIENT_SAFE_MESSAGES
+    assert AUDIENCE not in message and SERVICE_ACCOUNT not in message
+    assert "@" not in message
+    if len(token) > 16:
+        assert token not in message
+    # The detail is logged once, cut short, and never holds the token.
+    refusals = [r for r in caplog.records if r.name == "worker.oidc"]
+    assert len(refusals) == 1
+    (record,) = refusals
+    assert record.levelno == logging.INFO
+    assert record.__dict__["auth_status"] == BAD_AUTH[case].status
+    detail = record.__dict__["auth_detail"]
+    assert isinstance(detail, str)
+    assert len(detail) <= oidc.MAX_LOGGED_CHARS + 3
+    if len(token) > 16:
+        assert token not in record.getMessage() and token not in detail
+
+
+async def test_a_megabyte_of_garbage_gets_a_short_fixed_answer(
+    verifier: PushVerifier, caplog: pytest.LogCaptureFixture
+) -> None:
+    for garbage in ("x" * 2**20, ".".join(["eyJ" + "A" * 2**18] * 3), "a." * 2**19):
+        with (
+            caplog.at_level(logging.INFO, logger="worker.oidc"),
+            pytest.raises(AuthError) as raised,
+        ):
+            await verifier.verify(bearer(garbage))
+        assert str(raised.value) == "invalid token"
+    logged = "".join(r.getMessage() + str(r.__dict__.get("auth_detail")) for r in caplog.records)
+    assert len(logged) < 1000
+
+
+async def test_a_wrong_audience_does_not_name_the_expected_one(verifier: PushVerifier) -> None:
+    with pytest.raises(AuthError) as raised:
+        await verifier.verify(BAD_AUTH["wrong_audience"].header())
+    assert str(raised.value) == "invalid token"
+    assert AUDIENCE not in str(raised.value) and "other.example" not in str(raised.value)
+
+
+async def test_a_forbidden_identity_is_not_named(verifier: PushVerifier) -> None:
+    for case in ("wrong_email", "email_verified_false"):
+        with pytest.raises(ForbiddenError) as raised:
+            await verifier.verify(BAD_AUTH[case].header())
+        assert str(raised.value) == "identity may not push"
 
 
 # -- configuration ----------------------------------------------------------------------
