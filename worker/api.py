@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -40,6 +41,7 @@ from worker.pipeline import BatchSettings
 from worker.pubsub import PubSub
 from worker.push import PushIngest
 from worker.push_endpoint import PushEndpoint, answer, push_topic, read_capped
+from worker.read_params import IN_UTC, NO_NUL
 from worker.telemetry import Telemetry, create_telemetry
 
 log = logging.getLogger(__name__)
@@ -69,7 +71,7 @@ class Services:
         pubsub = PubSub(settings)
         telemetry = telemetry or create_telemetry()
         push = PushIngest(
-            build_handlers(cache),
+            build_handlers(settings, cache),
             engine,
             DeadLetterPublisher(pubsub),
             telemetry,
@@ -168,9 +170,27 @@ def create_app(
     async def not_found(request: Request, error: NotFoundError) -> JSONResponse:
         return JSONResponse({"error": "not_found", "detail": str(error)}, status_code=404)
 
+    @app.exception_handler(RequestValidationError)
+    async def unprocessable(request: Request, error: RequestValidationError) -> JSONResponse:
+        # FastAPI's format without "input" and "ctx": an error never echoes the request.
+        detail = [
+            {"type": e.get("type"), "loc": e.get("loc"), "msg": e.get("msg")}
+            for e in error.errors()
+        ]
+        return JSONResponse({"error": "invalid", "detail": detail}, status_code=422)
+
     @app.exception_handler(ValidationError)
     async def invalid(request: Request, error: ValidationError) -> JSONResponse:
         field, _, message = error.detail.partition(": ")
+        # The routes' own checks read "field: message"; one translated from a driver
+        # error (it has a cause) carries the database's text, which stays in the log.
+        if error.__cause__ is not None or not field.isidentifier():
+            log.warning(
+                "value refused by the database",
+                extra={"path": request.url.path, "error": error.detail[:500]},
+            )
+            refused = {"loc": ["request"], "msg": "a parameter holds a value that cannot be stored"}
+            return JSONResponse({"error": "invalid", "detail": [refused]}, status_code=422)
         return JSONResponse(
             {"error": "invalid", "detail": [{"loc": ["query", field], "msg": message}]},
             status_code=422,
@@ -178,8 +198,18 @@ def create_app(
 
     @app.exception_handler(WorkerError)
     async def unavailable(request: Request, error: WorkerError) -> JSONResponse:
-        log.warning("request failed", extra={"path": request.url.path, "error": str(error)})
-        return JSONResponse({"error": "unavailable", "detail": str(error)}, status_code=503)
+        log.warning(
+            "request failed",
+            extra={
+                "path": request.url.path,
+                "error_type": type(error).__name__,
+                "error": str(error)[:500],
+            },
+        )
+        return JSONResponse(
+            {"error": "unavailable", "detail": "a dependency is unavailable; retry"},
+            status_code=503,
+        )
 
     @app.post(
         "/push/{topic}",
@@ -190,6 +220,7 @@ def create_app(
             401: {"description": "no or invalid token"},
             403: {"description": "a valid token of another identity"},
             404: {"description": "no handler for this topic"},
+            408: {"description": "body not received in time"},
             413: {"description": "body over 16 MiB"},
             415: {"description": "not application/json"},
             503: {"description": "transient failure: Pub/Sub retries"},
@@ -230,7 +261,7 @@ def create_app(
     # Cached reads answer with the cached JSON text as is: no parse and re-encode.
     @app.get("/v1/feedback/{insight_id}/stats", tags=["read"], response_model=FeedbackStats)
     async def feedback_stats(
-        request: Request, insight_id: Annotated[str, Path(min_length=1, max_length=100)]
+        request: Request, insight_id: Annotated[str, Path(min_length=1, max_length=100), NO_NUL]
     ) -> Response:
         return _json(await _services(request).reads.feedback_stats_json(insight_id))
 
@@ -247,7 +278,7 @@ def create_app(
     async def backfill_jobs(
         request: Request,
         status: BackfillStatus | None = None,
-        job_type: Annotated[str | None, Query(min_length=1, max_length=50)] = None,
+        job_type: Annotated[str | None, Query(min_length=1, max_length=50), NO_NUL] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     ) -> list[BackfillJobResponse]:
         return await _services(request).db.list_backfill_jobs(status, job_type, limit)
@@ -259,10 +290,10 @@ def create_app(
     )
     async def metrics(
         request: Request,
-        service_name: Annotated[str, Query(min_length=1, max_length=100)],
-        metric_type: Annotated[str | None, Query(min_length=1, max_length=50)] = None,
-        start: datetime | None = None,
-        end: datetime | None = None,
+        service_name: Annotated[str, Query(min_length=1, max_length=100), NO_NUL],
+        metric_type: Annotated[str | None, Query(min_length=1, max_length=50), NO_NUL] = None,
+        start: Annotated[datetime | None, IN_UTC] = None,
+        end: Annotated[datetime | None, IN_UTC] = None,
         interval: Literal["hour", "day"] | None = None,
     ) -> list[MetricRecord] | list[MetricAggregate] | list[MetricPoint] | Response:
         """Aggregates with ``interval``; the cached latest 100 samples of a series when

@@ -9,28 +9,39 @@ from __future__ import annotations
 import signal
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from worker.api import create_app
 from worker.config import Settings
 from worker.crashpoints import CrashPoints
+from worker.http_limits import HeadLimits
 from worker.runner import tune_garbage_collector
 
 GRACEFUL_SHUTDOWN_S = 8
 
 
-async def serve(settings: Settings, host: str = "0.0.0.0") -> int:
-    """Serve until SIGTERM; refuses to start with PUSH_AUTH=required and no audience."""
-    config = uvicorn.Config(
-        # WORKER_CRASH_AT is read once, here (tests only; unset in production).
-        create_app(settings, crash_points=CrashPoints.from_env()),
+def server_config(
+    app: ASGIApp, port: int, host: str = "0.0.0.0", limits: HeadLimits | None = None
+) -> uvicorn.Config:
+    """uvicorn's configuration of ``serve`` (tests serve the app with it too)."""
+    return uvicorn.Config(
+        app,
         host=host,
-        port=settings.port,
+        port=port,
+        # httptools, with the limits on a request's head that uvicorn lacks.
+        http=(limits or HeadLimits()).protocol(),
         log_config=None,  # our JSON-line logging stays in charge
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
-    server = uvicorn.Server(config)
+
+
+async def serve(settings: Settings, host: str = "0.0.0.0") -> int:
+    """Serve until SIGTERM; refuses to start with PUSH_AUTH=required and no audience."""
+    # WORKER_CRASH_AT is read once, here (tests only; unset in production).
+    app = create_app(settings, crash_points=CrashPoints.from_env())
+    server = uvicorn.Server(server_config(app, settings.port, host))
     tune_garbage_collector()
     # Once shut down, uvicorn raises the signal that stopped it again, for the handler
     # it found: the default one would kill the process (exit 143, not 0). Take it here.

@@ -5,6 +5,7 @@ proxy forwards to PostgreSQL. ``pause()`` stops forwarding in both directions (n
 byte is read from either side, so nothing is lost: it waits in the kernel's buffers
 and in the proxy) without closing anything, which is what a stalled network looks
 like to both peers: no error, no FIN, only silence. ``resume()`` lets it all flow.
+An ``observer`` (``tests/faults/push_front.py``) may watch every byte forwarded.
 
 The proxy runs its own event loop in a thread of its own, so it keeps forwarding
 whatever the test's loop is doing, and every method may be called from any thread.
@@ -18,17 +19,31 @@ import logging
 import threading
 from collections.abc import Callable
 from types import TracebackType
+from typing import Protocol
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 64 * 1024
 
 
+class Observer(Protocol):
+    """Told every chunk forwarded (``upstream``: towards the target) and every
+    connection's end, from the proxy's thread."""
+
+    def data(self, connection: int, upstream: bool, chunk: bytes) -> None: ...
+
+    def closed(self, connection: int) -> None: ...
+
+
 class TcpProxy:
     """``TcpProxy(target_port).start()``; then ``port``, ``pause()``, ``resume()``."""
 
     def __init__(
-        self, target_port: int, target_host: str = "127.0.0.1", listen_host: str = "127.0.0.1"
+        self,
+        target_port: int,
+        target_host: str = "127.0.0.1",
+        listen_host: str = "127.0.0.1",
+        observer: Observer | None = None,
     ) -> None:
         self.target_host = target_host
         self.target_port = target_port
@@ -36,6 +51,7 @@ class TcpProxy:
         self.port = 0
         self.connections_accepted = 0
         self.bytes_forwarded = 0
+        self.observer = observer
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
@@ -144,6 +160,7 @@ class TcpProxy:
         self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
     ) -> None:
         self.connections_accepted += 1
+        connection = self.connections_accepted
         self._writers.add(client_writer)
         upstream_writer: asyncio.StreamWriter | None = None
         try:
@@ -156,8 +173,8 @@ class TcpProxy:
             )
             self._writers.add(upstream_writer)
             await asyncio.gather(
-                self._pump(client_reader, upstream_writer),
-                self._pump(upstream_reader, client_writer),
+                self._pump(client_reader, upstream_writer, connection, upstream=True),
+                self._pump(upstream_reader, client_writer, connection, upstream=False),
             )
         except OSError as error:
             log.debug("proxied connection ended", extra={"error": str(error)})
@@ -166,12 +183,21 @@ class TcpProxy:
             # cancelled handler as an error, so end quietly instead.
             pass
         finally:
+            if self.observer is not None:
+                self.observer.closed(connection)
             for writer in (client_writer, upstream_writer):
                 if writer is not None:
                     self._writers.discard(writer)
                     writer.close()
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        connection: int,
+        *,
+        upstream: bool,
+    ) -> None:
         assert self._flowing is not None
         try:
             while True:
@@ -184,6 +210,8 @@ class TcpProxy:
                 writer.write(data)
                 await writer.drain()
                 self.bytes_forwarded += len(data)
+                if self.observer is not None:
+                    self.observer.data(connection, upstream, data)
         except (OSError, asyncio.IncompleteReadError):
             pass
         finally:

@@ -12,9 +12,6 @@ the push envelope to its copy of the document, and injects push auth as disabled
 from __future__ import annotations
 
 import copy
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -22,11 +19,11 @@ from typing import Any
 import hypothesis
 import pytest
 import schemathesis
-import uvicorn
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.core.result import Ok
 
+from tests.integration.push_fixtures import served
 from worker.api import create_app
 from worker.config import Settings
 from worker.topology import TOPOLOGY
@@ -80,39 +77,11 @@ def operations() -> dict[str, Any]:
 OPERATIONS = operations()
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @contextmanager
-def served(settings: Settings) -> Iterator[str]:
-    """The app (push auth off) under uvicorn in a thread with its own loop; its URL."""
-    port = free_port()
-    config = uvicorn.Config(
-        create_app(settings, verifier=None),
-        host="127.0.0.1",
-        port=port,
-        log_config=None,
-        access_log=False,
-        lifespan="on",
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive(), "uvicorn stopped before it started"
-        assert time.monotonic() < deadline, "uvicorn did not start within 30 s"
-        time.sleep(0.02)
-    try:
+def served_app(settings: Settings) -> Iterator[str]:
+    """The app (push auth off) served as ``serve`` serves it; its URL."""
+    with served(create_app(settings, verifier=None)) as port:
         yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        assert not thread.is_alive(), "uvicorn did not stop"
 
 
 def cases(label: str) -> st.SearchStrategy[Any]:
@@ -139,7 +108,7 @@ def test_every_operation_is_fuzzed() -> None:
 @pytest.mark.parametrize("label", sorted(OPERATIONS))
 def test_no_request_gets_a_server_error(label: str, pubsub_settings: Settings) -> None:
     seen: list[int] = []
-    with served(pubsub_settings) as base_url:
+    with served_app(pubsub_settings) as base_url:
 
         @hypothesis.settings(
             max_examples=MAX_EXAMPLES,

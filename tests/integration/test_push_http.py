@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,17 +29,24 @@ from tests.integration.push_fixtures import (
     app_client,
     encoded,
     envelope,
+    exchange,
     row_counts,
+    served,
 )
 from tests.oidc_tokens import (
     AUDIENCE,
     BAD_AUTH,
     SERVICE_ACCOUNT,
     CertSource,
+    bearer,
+    claims,
+    sign_rs256,
     valid_authorization,
 )
+from worker.api import create_app
 from worker.config import Settings
-from worker.oidc import CertCache, PushVerifier
+from worker.http_limits import MAX_HEAD_BYTES, HeadLimits
+from worker.oidc import CertCache, CertsUnavailableError, PushVerifier
 from worker.pipeline import BatchSettings
 from worker.pubsub import PubSub
 from worker.push import MAX_PUSH_BODY_BYTES
@@ -105,7 +114,81 @@ async def test_a_bad_token_is_refused_and_nothing_is_written(
         sent["authorization"] = authorization
     response = await client.post("/push/metrics", content=encoded(envelope(sample())), headers=sent)
     assert response.status_code == bad.status, response.text
-    assert response.json()["error"] == ("unauthorized" if bad.status == 401 else "forbidden")
+    # Fixed details: the verifier's reasons (which may quote the token, the audience or
+    # the identity) go to the log only.
+    assert response.json() == (
+        {"error": "unauthorized", "detail": "invalid or missing token"}
+        if bad.status == 401
+        else {"error": "forbidden", "detail": "identity may not push"}
+    )
+    await assert_nothing_written(engine, push)
+
+
+async def test_a_huge_token_gets_a_small_401_that_does_not_quote_it(
+    client: httpx.AsyncClient, engine: AsyncEngine, push: PushServices
+) -> None:
+    token = "eyJ" + "QUOTEME" * (1024 * 1024 // 7)
+    response = await client.post(
+        "/push/metrics",
+        content=encoded(envelope(sample())),
+        headers={"content-type": "application/json", "authorization": bearer(token)},
+    )
+    assert response.status_code == 401, response.text[:200]
+    assert len(response.content) < 200
+    assert b"QUOTEME" not in response.content
+    await assert_nothing_written(engine, push)
+
+
+async def test_refusals_name_neither_the_audience_nor_the_identity(
+    client: httpx.AsyncClient,
+) -> None:
+    wrong_audience = await client.post(
+        "/push/metrics",
+        content=encoded(envelope(sample())),
+        headers=headers(authorization=bearer(sign_rs256(claims(aud="https://other.example")))),
+    )
+    assert wrong_audience.status_code == 401, wrong_audience.text
+    for configured_or_sent in ("other.example", AUDIENCE, "example.run.app"):
+        assert configured_or_sent not in wrong_audience.text
+    intruder = "intruder@evil.iam.gserviceaccount.com"
+    wrong_identity = await client.post(
+        "/push/metrics",
+        content=encoded(envelope(sample())),
+        headers=headers(authorization=bearer(sign_rs256(claims(email=intruder)))),
+    )
+    assert wrong_identity.status_code == 403, wrong_identity.text
+    assert intruder not in wrong_identity.text and "evil" not in wrong_identity.text
+
+
+async def unavailable_certs() -> tuple[Mapping[str, str], float]:
+    raise CertsUnavailableError("certificates: HTTP 500")
+
+
+@pytest.mark.parametrize("route", ["asgi-endpoint", "fastapi-route"])
+async def test_certificates_unavailable_is_503_so_pubsub_retries(
+    route: str,
+    pubsub_settings: Settings,
+    engine: AsyncEngine,
+    push: PushServices,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    verifier = PushVerifier(AUDIENCE, [SERVICE_ACCOUNT], CertCache(fetch=unavailable_certs))
+    fastapi_route = route == "fastapi-route"
+    async with app_client(
+        pubsub_settings, push.services, verifier, fastapi_route=fastapi_route
+    ) as (http):
+        with caplog.at_level(logging.WARNING, logger="worker.push_endpoint"):
+            response = await http.post(
+                "/push/metrics", content=encoded(envelope(sample())), headers=headers()
+            )
+    assert response.status_code == 503, response.text
+    assert response.json() == {
+        "error": "unavailable",
+        "detail": "token verification unavailable; retry",
+    }
+    logged = [r for r in caplog.records if r.name == "worker.push_endpoint"]
+    assert [r.getMessage() for r in logged] == ["push token not verified: certificates unavailable"]
+    assert getattr(logged[0], "reason", "")
     await assert_nothing_written(engine, push)
 
 
@@ -394,3 +477,143 @@ async def test_readyz_is_503_when_the_database_is_unreachable(
         assert response.json()["checks"] == {"database": False, "redis": True, "pubsub": True}
         # Alive all the same.
         assert (await http.get("/healthz")).status_code == 200
+
+
+# -- limits on a served request: uvicorn as ``serve`` configures it -----------------------
+
+HEAD_TIMEOUT_S = 1.0
+BODY_TIMEOUT_S = 1.0
+
+
+@pytest.fixture
+def port(pubsub_settings: Settings) -> Iterator[int]:
+    """The app served on a socket, push auth off, with short head and body timeouts."""
+    app = create_app(pubsub_settings, verifier=None)
+    assert app.push_endpoint is not None
+    app.push_endpoint.body_deadlines.timeout_s = BODY_TIMEOUT_S
+    with served(app, HeadLimits(head_timeout_s=HEAD_TIMEOUT_S)) as serving:
+        yield serving
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS (the server runs in one of its threads)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+async def endless_header(total_bytes: int) -> AsyncIterator[bytes]:
+    yield (
+        b"POST /push/metrics HTTP/1.1\r\nHost: worker\r\n"
+        b"Content-Type: application/json\r\nAuthorization: Bearer "
+    )
+    piece = b"a" * 65536
+    for _ in range(total_bytes // len(piece)):
+        yield piece
+
+
+async def test_a_header_over_the_limit_is_431_and_the_connection_closed(port: int) -> None:
+    reset_peak_rss()
+    before = peak_rss_bytes()
+    result = await exchange(port, endless_header(64 * 1024 * 1024), wait_s=20)
+    growth = peak_rss_bytes() - before
+    assert result.statuses == [431], result.received[:300]
+    assert result.body() == {
+        "error": "headers_too_large",
+        "detail": f"request line and headers over {MAX_HEAD_BYTES} bytes",
+    }
+    assert result.header("connection") == "close"
+    assert result.closed_after_s is not None, "the connection was left open"
+    assert growth < 8 * 1024 * 1024, f"peak RSS grew by {growth} bytes"
+
+
+async def test_a_request_line_over_the_limit_is_431(port: int) -> None:
+    url = b"/v1/feedback/" + b"x" * (2 * MAX_HEAD_BYTES) + b"/stats"
+    result = await exchange(port, [b"GET " + url + b" HTTP/1.1\r\nHost: worker\r\n\r\n"], 10)
+    assert result.statuses == [431], result.received[:300]
+    assert result.closed_after_s is not None
+
+
+@pytest.mark.parametrize("piece_bytes", [0, 4096, 65536, 200_000], ids=lambda n: f"pieces-{n}")
+async def test_heads_under_the_limit_are_served_also_after_a_large_body(
+    port: int, piece_bytes: int
+) -> None:
+    padding = b"".join(b"X-Pad-%d: %s\r\n" % (n, b"p" * 1000) for n in range(40))
+    assert MAX_HEAD_BYTES // 2 < len(padding) < MAX_HEAD_BYTES - 1024
+    healthz = b"GET /healthz HTTP/1.1\r\nHost: worker\r\n" + padding
+    body = b"x" * (512 * 1024)
+    # Pipelined: a body's end and the next heads share the server's reads, which end
+    # anywhere (piece_bytes 0: one write).
+    raw = (
+        b"POST /push/no-such-topic HTTP/1.1\r\nHost: worker\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+        % len(body)
+        + body
+        + healthz
+        + b"\r\n"
+        + healthz
+        + b"Connection: close\r\n\r\n"
+    )
+
+    async def pieces() -> AsyncIterator[bytes]:
+        size = piece_bytes or len(raw)
+        for offset in range(0, len(raw), size):
+            yield raw[offset : offset + size]
+            await asyncio.sleep(0.001)
+
+    result = await exchange(port, pieces(), wait_s=10, stop_when_answered=False)
+    assert result.statuses == [404, 200, 200], result.received[:500]
+    assert result.closed_after_s is not None
+
+
+async def test_a_silent_connection_is_408_and_closed(port: int) -> None:
+    result = await exchange(port, [], wait_s=10)
+    assert result.statuses == [408], result.received
+    assert result.body()["error"] == "request_timeout"
+    assert result.closed_after_s is not None
+    assert HEAD_TIMEOUT_S * 0.9 <= result.closed_after_s < HEAD_TIMEOUT_S + 2
+
+
+async def test_a_trickled_head_is_408_and_closed(port: int) -> None:
+    async def trickle() -> AsyncIterator[bytes]:
+        for byte in b"GET /healthz HTTP/1.1\r\nHost: worker\r\nX-Slow: " + b"s" * 1000:
+            yield bytes([byte])
+            await asyncio.sleep(0.05)
+
+    result = await exchange(port, trickle(), wait_s=10)
+    assert result.statuses == [408], result.received
+    assert result.closed_after_s is not None
+    assert result.closed_after_s < HEAD_TIMEOUT_S + 2
+
+
+async def test_an_idle_keep_alive_connection_outlives_the_head_timeout(port: int) -> None:
+    async def two_requests() -> AsyncIterator[bytes]:
+        yield b"GET /healthz HTTP/1.1\r\nHost: worker\r\n\r\n"
+        # Idle between requests is keep-alive's business (5 s), not the head timeout's.
+        await asyncio.sleep(HEAD_TIMEOUT_S * 2)
+        yield b"GET /healthz HTTP/1.1\r\nHost: worker\r\nConnection: close\r\n\r\n"
+
+    result = await exchange(port, two_requests(), wait_s=10, stop_when_answered=False)
+    assert result.statuses == [200, 200], result.received
+    assert result.closed_after_s is not None
+
+
+async def test_a_body_that_never_arrives_is_408_and_closed(port: int) -> None:
+    head = (
+        b"POST /push/metrics HTTP/1.1\r\nHost: worker\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n"
+    )
+    result = await exchange(port, [head], wait_s=10)
+    assert result.statuses == [408], result.received
+    assert result.body() == {
+        "error": "request_timeout",
+        "detail": f"body not received within {BODY_TIMEOUT_S:g} s",
+    }
+    assert result.header("connection") == "close"
+    assert result.closed_after_s is not None
+    assert BODY_TIMEOUT_S * 0.9 <= result.closed_after_s < BODY_TIMEOUT_S + 2

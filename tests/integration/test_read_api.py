@@ -7,6 +7,7 @@ The app runs in the test's event loop (lifespan entered by hand, requests throug
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
+from sqlalchemy import text
 
 from handlers.backfill import job_cache_key
 from handlers.feedback import stats_cache_key
@@ -27,6 +29,7 @@ from tests.factories import T0, feedback, progress, sample
 from tests.integration.cache_fixtures import RedisDb, own_redis_db
 from worker.api import Services, create_app
 from worker.config import Settings
+from worker.db import connection
 
 
 @dataclass
@@ -415,3 +418,132 @@ async def test_metrics_aggregated_by_hour(api: Api) -> None:
 async def test_metrics_refuses_bad_parameters(api: Api, params: dict[str, str], field: str) -> None:
     response = await api.client.get("/v1/metrics", params=params)
     assert error_fields(response) == [field]
+
+
+# -- error bodies: the API's own words, never the database's ------------------------------
+
+DATABASE_WORDS = ("database", "22021", "asyncpg", "query argument", "$", "Traceback")
+
+
+def assert_api_words(response: httpx.Response) -> None:
+    for word in DATABASE_WORDS:
+        assert word not in response.text, response.text
+    assert "input" not in str(response.json()), "a 422 must not echo the request"
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "field"),
+    [
+        ("/v1/feedback/a%00b/stats", {}, "insight_id"),
+        ("/v1/backfill-jobs", {"job_type": "a\x00b"}, "job_type"),
+        ("/v1/metrics", {"service_name": "web\x00api"}, "service_name"),
+        ("/v1/metrics", {"service_name": "web-api", "metric_type": "\x00"}, "metric_type"),
+        (
+            "/v1/metrics",
+            {"service_name": "web-api", "metric_type": "cpu\x00", "interval": "hour"},
+            "metric_type",
+        ),
+    ],
+    ids=["insight_id", "job_type", "service_name", "metric_type", "metric_type-aggregate"],
+)
+async def test_a_nul_character_is_422_naming_the_field(
+    api: Api, path: str, params: dict[str, str], field: str
+) -> None:
+    response = await api.client.get(path, params=params)
+    assert error_fields(response) == [field]
+    assert response.json()["detail"][0]["msg"] == "Value error, must not contain NUL characters"
+    assert_api_words(response)
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"start": "0001-01-01T00:00:00+14:00"}, "start"),
+        ({"start": "9999-12-31T23:59:59-14:00"}, "start"),
+        ({"start": "2026-01-01T00:00:00Z", "end": "9999-12-31T23:59:59-14:00"}, "end"),
+        ({"metric_type": "cpu", "interval": "day", "start": "0001-01-01T00:59:59+01:00"}, "start"),
+    ],
+    ids=["start-before-year-1", "start-after-year-9999", "end-after-year-9999", "aggregate"],
+)
+async def test_a_time_out_of_range_in_utc_is_422_naming_the_field(
+    api: Api, params: dict[str, str], field: str
+) -> None:
+    response = await api.client.get("/v1/metrics", params={"service_name": "web-api", **params})
+    assert error_fields(response) == [field]
+    assert response.json()["detail"][0]["msg"] == "Value error, out of range once converted to UTC"
+    assert_api_words(response)
+
+
+async def test_the_extremes_that_convert_to_utc_are_served(api: Api) -> None:
+    response = await api.client.get(
+        "/v1/metrics",
+        params={
+            "service_name": "web-api",
+            "start": "0001-01-01T00:00:00-14:00",
+            "end": "9999-12-31T23:59:59+14:00",
+        },
+    )
+    assert response.status_code == 200, response.text
+    assert response.json() == []
+
+
+async def test_a_value_the_database_refuses_is_a_generic_422(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def refused(*args: Any, **kwargs: Any) -> Any:
+        # A real refusal (SQLSTATE 22021), through the storage boundary's translation.
+        async with connection(api.services.engine) as conn:
+            await conn.execute(text("SELECT CAST(:value AS text)"), {"value": "a\x00b"})
+        raise AssertionError("PostgreSQL accepted a NUL")
+
+    monkeypatch.setattr(api.services.db, "list_backfill_jobs", refused)
+    response = await api.client.get("/v1/backfill-jobs")
+    assert response.status_code == 422, response.text
+    assert response.json() == {
+        "error": "invalid",
+        "detail": [{"loc": ["request"], "msg": "a parameter holds a value that cannot be stored"}],
+    }
+
+
+async def test_the_routes_own_checks_still_name_their_field(api: Api) -> None:
+    response = await api.client.get(
+        "/v1/metrics", params={"service_name": "web-api", "interval": "hour"}
+    )
+    assert response.json() == {
+        "error": "invalid",
+        "detail": [{"loc": ["query", "metric_type"], "msg": "required with interval"}],
+    }
+
+
+async def test_a_dead_database_is_a_503_with_a_fixed_text(
+    pubsub_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    dead = dataclasses.replace(
+        pubsub_settings, database_url="postgresql+asyncpg://postgres@127.0.0.1:1/utxoiq"
+    )
+    services = Services.create(dead)
+    app = create_app(dead, services, verifier=None)
+    try:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://worker.test", timeout=30
+            ) as client:
+                responses = [
+                    await client.get("/v1/backfill-jobs"),
+                    await client.get(f"/v1/backfill-jobs/{uuid.uuid4()}"),
+                    await client.get("/v1/feedback/dead-db/stats"),
+                    await client.get("/v1/metrics", params={"service_name": "web-api"}),
+                ]
+    finally:
+        await services.close()
+    for response in responses:
+        assert response.status_code == 503, response.text
+        assert response.json() == {
+            "error": "unavailable",
+            "detail": "a dependency is unavailable; retry",
+        }
+    # The reason is in the log, with the path.
+    failures = [r for r in caplog.records if r.getMessage() == "request failed"]
+    assert len(failures) == len(responses)
+    assert all(getattr(r, "error", "") and getattr(r, "path", "") for r in failures)
