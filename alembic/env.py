@@ -11,8 +11,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from alembic import context
-from handlers.tables import metadata
 from worker.config import Settings
+from worker.storage.tables import metadata
 
 config = context.config
 
@@ -55,7 +55,7 @@ async def _run_async() -> None:
 def run_migrations_online() -> None:
     connection = config.attributes.get("connection")
     if connection is not None:
-        # Called from worker.migrate inside its own event loop, on its connection.
+        # Called from worker.storage.migrate inside its own event loop, on its connection.
         _run(connection)
     else:
         asyncio.run(_run_async())

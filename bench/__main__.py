@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from bench import common, drain, ingest, invalidation, push, read, stack, store
-from worker.cli import run_async
+from worker.cli.main import run_async
 
 SCENARIOS = {
     "store": store.run,

@@ -12,7 +12,7 @@ import asyncpg
 from sqlalchemy import make_url
 
 from worker.config import Settings
-from worker.migrate import upgrade
+from worker.storage.migrate import upgrade
 
 
 def report(

@@ -31,8 +31,8 @@ from bench.stack import (
     wait_for_rows,
 )
 from worker.config import Settings
-from worker.pubsub import PubSub
-from worker.pull import PullSettings
+from worker.pubsub.client import PubSub
+from worker.sources.pull import PullSettings
 
 METRICS = 100_000
 FEEDBACK = 20_000
@@ -126,7 +126,7 @@ def naive_worker_rate(settings: Settings, count: int) -> float:
     from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
     from bench.store import NaiveFeedback
-    from worker.db import create_engine
+    from worker.storage.database import create_engine
 
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)

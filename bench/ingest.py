@@ -20,7 +20,7 @@ import asyncpg
 
 from bench.common import asyncpg_dsn, fresh_database, report
 from bench.stack import bench_settings, fresh_topology, start_worker, stop_process, wait_for_rows
-from worker.pubsub import PubSub, PubsubMessage
+from worker.pubsub.client import PubSub, PubsubMessage
 
 MESSAGES = 2000
 SAMPLES_PER_MESSAGE = 500

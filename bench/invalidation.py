@@ -43,12 +43,12 @@ from redis.exceptions import RedisError
 from bench.common import asyncpg_dsn, fresh_database, report
 from bench.stack import bench_settings, fresh_topology, start_worker, stop_process
 from handlers.feedback import stats_cache_key
-from handlers.reads import CacheService
-from handlers.service import DatabaseService
-from worker.cache import Cache, create_redis, version_key
-from worker.db import create_engine
 from worker.exceptions import WorkerError
-from worker.pubsub import PubSub, PubsubMessage
+from worker.pubsub.client import PubSub, PubsubMessage
+from worker.read.cached import CacheService
+from worker.read.service import DatabaseService
+from worker.storage.cache import Cache, create_redis, version_key
+from worker.storage.database import create_engine
 
 T = TypeVar("T")
 

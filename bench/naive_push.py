@@ -21,10 +21,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from handlers.service import DatabaseService
 from schemas.metrics import MetricSample
 from worker.config import Settings
-from worker.db import create_engine
+from worker.read.service import DatabaseService
+from worker.storage.database import create_engine
 
 
 def create_naive_app(settings: Settings) -> Starlette:

@@ -36,12 +36,12 @@ from datetime import UTC, datetime
 
 from bench.common import fresh_database, report
 from handlers.feedback import stats_cache_key
-from handlers.reads import CacheService
-from handlers.service import DatabaseService
 from schemas.feedback import FLAG_TYPES, FeedbackEvent, FeedbackStats
-from worker.cache import Cache, create_redis, version_key
 from worker.config import Settings
-from worker.db import create_engine
+from worker.read.cached import CacheService
+from worker.read.service import DatabaseService
+from worker.storage.cache import Cache, create_redis, version_key
+from worker.storage.database import create_engine
 
 SCENARIO = "read"
 ROWS = 10_000

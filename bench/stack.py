@@ -16,9 +16,9 @@ from collections.abc import Sequence
 import asyncpg
 
 from bench.common import asyncpg_dsn
-from worker import topology
 from worker.config import Settings
-from worker.pubsub import PubSub, PubsubMessage
+from worker.pubsub import topology
+from worker.pubsub.client import PubSub, PubsubMessage
 
 PUBLISH_BATCH = 1000
 

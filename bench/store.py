@@ -19,11 +19,11 @@ from sqlalchemy.orm import registry
 
 from bench.common import asyncpg_dsn, fresh_database, median_rate, report
 from handlers.metrics import create_partitions, sample_identity, samples_message
-from handlers.service import DatabaseService
-from handlers.tables import insight_feedback
 from schemas.feedback import FeedbackEvent
 from schemas.metrics import MetricSample
-from worker.db import create_engine
+from worker.read.service import DatabaseService
+from worker.storage.database import create_engine
+from worker.storage.tables import insight_feedback
 
 METRIC_ROWS = 100_000
 FEEDBACK_ROWS = 50_000

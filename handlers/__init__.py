@@ -9,9 +9,9 @@ from handlers.backfill import BackfillHandler
 from handlers.cache_invalidation import CacheInvalidationHandler
 from handlers.feedback import FeedbackHandler
 from handlers.metrics import MetricsHandler
-from worker.cache import Cache
 from worker.config import Settings
-from worker.handler import Handler
+from worker.pipeline.handler import Handler
+from worker.storage.cache import Cache
 
 
 def build_handlers(settings: Settings, cache: Cache | None = None) -> dict[str, Handler[Any]]:

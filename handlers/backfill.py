@@ -30,11 +30,11 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from handlers.events import event_key, refuse_expired, validate
-from handlers.tables import backfill_jobs
 from schemas.backfill import BackfillJobResponse, BackfillProgressEvent, BackfillStatus
-from worker.db import driver_connection, transaction
 from worker.exceptions import ConflictError
-from worker.handler import BatchOutcome
+from worker.pipeline.handler import BatchOutcome
+from worker.storage.database import driver_connection, transaction
+from worker.storage.tables import backfill_jobs
 
 JOB_TTL_S = 300
 DEFAULT_RETENTION_DAYS = 180

@@ -1,6 +1,6 @@
 """``cache-invalidation``: the Redis updater.
 
-Deletes the named keys (and renews their version tokens, see ``worker.cache``) with
+Deletes the named keys (and renews their version tokens, see ``worker.storage.cache``) with
 one Redis script call per 1000 keys, however many messages the batch holds. A Redis outage
 is waited out here, however long it lasts, with the messages' leases extended by the
 pull source (flow control bounds what is held), instead of nacking: a nacked
@@ -21,8 +21,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from handlers.events import validate
 from schemas.invalidation import CacheInvalidation
-from worker.cache import Cache, CacheUnavailableError
-from worker.handler import BatchOutcome
+from worker.pipeline.handler import BatchOutcome
+from worker.storage.cache import Cache, CacheUnavailableError
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from sqlalchemy import Select, bindparam, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from handlers.events import event_key, refuse_expired, validate
-from handlers.tables import insight_feedback
 from schemas.feedback import FLAG_TYPES, FeedbackEvent, FeedbackRecord, FeedbackStats
-from worker.db import driver_connection, transaction
-from worker.handler import BatchOutcome
+from worker.pipeline.handler import BatchOutcome
+from worker.storage.database import driver_connection, transaction
+from worker.storage.tables import insight_feedback
 
 STATS_TTL_S = 3600
 DEFAULT_RETENTION_DAYS = 730

@@ -24,7 +24,6 @@ from sqlalchemy import func, literal_column, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from handlers.events import validate_fields
-from handlers.tables import system_metrics
 from schemas.metrics import (
     BATCH_FIELDS,
     FUTURE_ERROR,
@@ -38,9 +37,10 @@ from schemas.metrics import (
     canonical_metadata,
     future_limit,
 )
-from worker.db import driver_connection, transaction
 from worker.exceptions import ExpiredError, QueryError, SchemaViolationError, ValidationError
-from worker.handler import BatchOutcome
+from worker.pipeline.handler import BatchOutcome
+from worker.storage.database import driver_connection, transaction
+from worker.storage.tables import system_metrics
 
 RECENT_TTL_S = 300
 DEFAULT_RETENTION_DAYS = 90

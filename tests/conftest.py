@@ -21,12 +21,12 @@ from sqlalchemy import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import handlers.metrics
-from handlers.service import DatabaseService
-from worker import topology
 from worker.config import Settings
-from worker.db import create_engine
-from worker.migrate import upgrade
-from worker.pubsub import PubSub
+from worker.pubsub import topology
+from worker.pubsub.client import PubSub
+from worker.read.service import DatabaseService
+from worker.storage.database import create_engine
+from worker.storage.migrate import upgrade
 
 # One template per pytest process: two runs on one server must not drop each other's.
 TEMPLATE_PREFIX = "utxoiq_test_template_"

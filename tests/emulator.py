@@ -20,12 +20,12 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from worker.config import Settings
-from worker.pipeline import BatchSettings
-from worker.pubsub import PubSub, PubsubMessage
-from worker.pull import PullSettings
-from worker.runner import RunOptions, Worker
+from worker.pipeline.batching import BatchSettings
+from worker.pubsub.client import PubSub, PubsubMessage
+from worker.pubsub.topology import INGEST_TOPICS, spec_for
+from worker.sources.pull import PullSettings
+from worker.sources.pull_worker import RunOptions, Worker
 from worker.telemetry import Telemetry, create_telemetry
-from worker.topology import INGEST_TOPICS, spec_for
 
 T = TypeVar("T")
 

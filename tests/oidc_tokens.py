@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
-from worker import oidc
+from worker.http import oidc
 
 AUDIENCE = "https://utxoiq-worker.example.run.app/push"
 SERVICE_ACCOUNT = "pubsub-push@utxoiq-test.iam.gserviceaccount.com"
@@ -157,7 +157,7 @@ class CertSource:
 
 
 class Clock:
-    """Stands in for ``time.monotonic`` inside ``worker.oidc`` (see ``install``)."""
+    """Stands in for ``time.monotonic`` inside ``worker.http.oidc`` (see ``install``)."""
 
     def __init__(self) -> None:
         self.now = 1000.0

@@ -3,7 +3,7 @@
 The runtime maps every failure to one of two actions: a *permanent* error can never
 succeed, so its message is dead-lettered and acked; a *transient* error may succeed
 later, so its message is nacked and Pub/Sub redelivers it. Driver errors are
-translated into these at the storage boundary (see ``worker.db.wrap_exceptions``).
+translated into these at the storage boundary (see ``worker.storage.database.wrap_exceptions``).
 """
 
 from __future__ import annotations

@@ -31,10 +31,10 @@ from tests.emulator import (
     wait_for_count,
 )
 from tests.factories import T0, at, backfill_payload, feedback_payload, metric_payload
-from worker import topology
 from worker.config import Settings
-from worker.pubsub import PubSub
-from worker.topology import INGEST_TOPICS
+from worker.pubsub import topology
+from worker.pubsub.client import PubSub
+from worker.pubsub.topology import INGEST_TOPICS
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -26,13 +26,13 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from handlers.backfill import JOB_TTL_S
 from handlers.feedback import STATS_TTL_S
 from handlers.metrics import RECENT_TTL_S
-from handlers.service import DatabaseService
 from schemas.metrics import MetricPoint
 from tests.emulator import Received, drain_dead_letters
 from tests.faults.oracle import Expected, FeedbackRow, JobRow, Ledger, MetricRow
-from worker.cache import VERSION_PREFIX
 from worker.exceptions import NotFoundError
-from worker.pubsub import PubSub
+from worker.pubsub.client import PubSub
+from worker.read.service import DatabaseService
+from worker.storage.cache import VERSION_PREFIX
 
 SHOWN = 20
 INGEST_TOPICS = ("backfill-progress", "feedback", "metrics")
@@ -421,7 +421,7 @@ async def check_redis_invariant(redis_url: str, dsn: str) -> RedisReport:
     """Every cache entry in the Redis database of ``redis_url`` against PostgreSQL now.
 
     The "now" side is the project's own read functions (``DatabaseService``) serialized
-    as ``handlers/reads.py`` caches them: that is the definition of the right value.
+    as ``worker/read/cached.py`` caches them: that is the definition of the right value.
     Version tokens (``cache-version:*``) are not entries. Call it once the worker is
     idle; an entry that expires between SCAN and GET is skipped.
     """

@@ -24,9 +24,9 @@ from tests.faults.postgres import PostgresCluster
 from tests.faults.processes import Processes
 from tests.faults.proxy import TcpProxy
 from tests.faults.redis_server import RedisServer
-from worker import topology
 from worker.config import Settings
-from worker.pubsub import PubSub
+from worker.pubsub import topology
+from worker.pubsub.client import PubSub
 
 TEMPLATE_DATABASE = "faults_template"
 

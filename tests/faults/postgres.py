@@ -29,7 +29,7 @@ from typing import Literal
 import asyncpg
 
 from worker.config import Settings
-from worker.migrate import upgrade
+from worker.storage.migrate import upgrade
 
 BIN_ROOT = Path("/usr/lib/postgresql")
 SERVER_USER = "postgres"  # initdb's superuser too (-U)

@@ -26,8 +26,6 @@ from typing import Any
 
 import pytest
 
-from handlers.reads import CacheService
-from handlers.service import DatabaseService
 from tests.faults.checks import (
     DatabaseReport,
     DeadLetterReport,
@@ -41,11 +39,13 @@ from tests.faults.checks import (
 from tests.faults.oracle import Expected, Ledger, expected_state
 from tests.faults.push_front import PushRecorder
 from tests.faults.workload import Workload, build_workload, publish
-from worker.cache import Cache, create_redis
 from worker.config import Settings
-from worker.db import create_engine
 from worker.exceptions import WorkerError
-from worker.pubsub import PubSub
+from worker.pubsub.client import PubSub
+from worker.read.cached import CacheService
+from worker.read.service import DatabaseService
+from worker.storage.cache import Cache, create_redis
+from worker.storage.database import create_engine
 
 CONFLICT_RATE_PER_S = 200
 READ_PAUSE_S = 0.02

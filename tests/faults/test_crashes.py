@@ -42,9 +42,9 @@ from tests.faults.checks import asyncpg_dsn
 from tests.faults.processes import Processes, WorkerProcess, worker_environment
 from tests.faults.scenario import Scenario
 from worker.config import Settings
-from worker.crashpoints import CrashPoint
-from worker.pubsub import PubSub
-from worker.topology import INGEST_TOPICS
+from worker.pipeline.crash_points import CrashPoint
+from worker.pubsub.client import PubSub
+from worker.pubsub.topology import INGEST_TOPICS
 
 SEED = int(os.environ.get("FAULT_SEED", "20261122"))
 MESSAGES = int(os.environ.get("FAULT_MESSAGES", "3000"))

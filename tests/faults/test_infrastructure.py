@@ -23,10 +23,10 @@ from tests.faults.proxy import TcpProxy
 from tests.faults.redis_server import RedisServer
 from worker import exceptions as exc
 from worker.config import Settings
-from worker.crashpoints import CrashPoint, CrashPoints
-from worker.db import create_engine, driver_connection, transaction, translate
-from worker.pubsub import PubSub, PubsubMessage
-from worker.topology import spec_for
+from worker.pipeline.crash_points import CrashPoint, CrashPoints
+from worker.pubsub.client import PubSub, PubsubMessage
+from worker.pubsub.topology import spec_for
+from worker.storage.database import create_engine, driver_connection, transaction, translate
 
 SIGKILLED = -signal.SIGKILL
 # How asyncpg reports a session the server ended under it: which one depends on whether

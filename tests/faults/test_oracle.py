@@ -25,8 +25,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from handlers.backfill import BackfillHandler
 from handlers.feedback import FeedbackHandler
 from handlers.metrics import MetricsHandler, sample_identity
-from handlers.reads import CacheService
-from handlers.service import DatabaseService
 from schemas.metrics import MetricSample
 from tests.emulator import Counters, running_worker
 from tests.faults.checks import (
@@ -55,12 +53,14 @@ from tests.faults.workload import (
     publish,
 )
 from tests.integration.cache_fixtures import own_redis_db, wait_idle
-from worker.cache import Cache, create_redis
 from worker.config import Settings
-from worker.decoding import decode_json_object
 from worker.exceptions import PermanentError, SchemaViolationError
-from worker.pubsub import PubSub, PubsubMessage
-from worker.topology import RUN_TOPICS
+from worker.pipeline.decoding import decode_json_object
+from worker.pubsub.client import PubSub, PubsubMessage
+from worker.pubsub.topology import RUN_TOPICS
+from worker.read.cached import CacheService
+from worker.read.service import DatabaseService
+from worker.storage.cache import Cache, create_redis
 
 T0 = EPOCH + timedelta(hours=12)
 JOB = uuid.UUID("5d0e6f7a-3c1b-4f7e-9a55-1f1f7f1d2c3b")

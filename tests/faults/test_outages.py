@@ -22,8 +22,6 @@ from typing import Any, TypeVar
 
 import pytest
 
-from handlers.reads import CacheService
-from handlers.service import DatabaseService
 from tests.emulator import pull_all
 from tests.faults.checks import compare_database
 from tests.faults.postgres import PostgresCluster
@@ -31,11 +29,13 @@ from tests.faults.processes import Processes, WorkerProcess, worker_environment
 from tests.faults.proxy import TcpProxy
 from tests.faults.redis_server import RedisServer
 from tests.faults.scenario import Scenario
-from worker.cache import Cache, create_redis
 from worker.config import Settings
-from worker.db import create_engine
-from worker.pubsub import PubSub
-from worker.topology import spec_for
+from worker.pubsub.client import PubSub
+from worker.pubsub.topology import spec_for
+from worker.read.cached import CacheService
+from worker.read.service import DatabaseService
+from worker.storage.cache import Cache, create_redis
+from worker.storage.database import create_engine
 
 T = TypeVar("T")
 

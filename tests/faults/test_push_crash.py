@@ -49,9 +49,9 @@ from tests.faults.test_crashes import (
     stored_state,
     timeout_for,
 )
-from worker import topology
 from worker.config import Settings
-from worker.pubsub import PubSub, subscription_path
+from worker.pubsub import topology
+from worker.pubsub.client import PubSub, subscription_path
 
 MESSAGES = int(os.environ.get("FAULT_MESSAGES", "2000"))
 SIGKILLED = -signal.SIGKILL

@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 from tests.faults.oracle import Ledger
 from worker.exceptions import PubSubError
-from worker.pubsub import PubSub, PubsubMessage
+from worker.pubsub.client import PubSub, PubsubMessage
 
 TOPICS = ("backfill-progress", "feedback", "metrics")
 BACKFILL, FEEDBACK, METRICS = TOPICS

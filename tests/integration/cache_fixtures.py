@@ -25,12 +25,12 @@ from typing import Any
 from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 
-from handlers.service import DatabaseService
 from tests.emulator import Counters
-from worker.cache import Cache, create_redis
 from worker.config import Settings
 from worker.exceptions import NotFoundError
-from worker.runner import Worker
+from worker.read.service import DatabaseService
+from worker.sources.pull_worker import Worker
+from worker.storage.cache import Cache, create_redis
 
 REDIS_HOST = "127.0.0.1"
 REDIS_PORT = 6379

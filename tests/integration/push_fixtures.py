@@ -34,12 +34,12 @@ from opentelemetry.sdk.metrics.export import (
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from worker.api import Services, create_app
 from worker.config import Settings
-from worker.http_limits import HeadLimits
-from worker.oidc import PushVerifier
-from worker.pipeline import BatchSettings
-from worker.serve import server_config
+from worker.http.app import Services, create_app
+from worker.http.limits import HeadLimits
+from worker.http.oidc import PushVerifier
+from worker.http.serve import server_config
+from worker.pipeline.batching import BatchSettings
 from worker.telemetry import create_telemetry
 
 TABLES = ("system_metrics", "insight_feedback", "backfill_jobs")

@@ -15,10 +15,10 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from handlers.service import DatabaseService
 from schemas.backfill import MAX_BLOCK, BackfillJobResponse, BackfillProgressEvent
 from tests.factories import T0, at, backfill_payload, progress
 from worker.exceptions import ConflictError, NotFoundError, ValidationError
+from worker.read.service import DatabaseService
 
 
 async def apply_each(db: DatabaseService, events: Sequence[BackfillProgressEvent]) -> None:

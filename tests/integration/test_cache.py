@@ -1,4 +1,4 @@
-"""``worker.cache.Cache`` on a real Redis: the fill race closed by version tokens,
+"""``worker.storage.cache.Cache`` on a real Redis: the fill race closed by version tokens,
 invalidation, Redis down, and the TTLs of CONTRACT.md through ``CacheService``."""
 
 from __future__ import annotations
@@ -13,17 +13,23 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-import worker.cache
+import worker.storage.cache
 from handlers.backfill import job_cache_key
 from handlers.feedback import stats_cache_key
 from handlers.metrics import recent_cache_key
-from handlers.reads import CacheService
-from handlers.service import DatabaseService
 from tests.factories import feedback, sample
 from tests.integration.cache_fixtures import RedisDb, own_redis_db
-from worker.cache import VERSION_TTL_S, Cache, CacheUnavailableError, create_redis, version_key
 from worker.config import Settings
 from worker.exceptions import NotFoundError
+from worker.read.cached import CacheService
+from worker.read.service import DatabaseService
+from worker.storage.cache import (
+    VERSION_TTL_S,
+    Cache,
+    CacheUnavailableError,
+    create_redis,
+    version_key,
+)
 
 DOWN_URL = "redis://127.0.0.1:1/0"
 
@@ -154,7 +160,7 @@ async def test_invalidate_renews_tokens_and_deletes_many_keys_in_a_few_script_ca
         sent.append(args)
         return await original_execute(*args, **options)
 
-    monkeypatch.setattr(worker.cache, "INVALIDATE_CHUNK_KEYS", 20)
+    monkeypatch.setattr(worker.storage.cache, "INVALIDATE_CHUNK_KEYS", 20)
     monkeypatch.setattr(cache.redis, "execute_command", execute_command)
     await cache.invalidate(keys)
     monkeypatch.undo()

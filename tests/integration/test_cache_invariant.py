@@ -28,8 +28,6 @@ import pytest_asyncio
 from handlers.backfill import job_cache_key
 from handlers.feedback import stats_cache_key
 from handlers.metrics import recent_cache_key
-from handlers.reads import CacheService
-from handlers.service import DatabaseService
 from schemas.backfill import BackfillJobResponse
 from schemas.feedback import FeedbackStats
 from schemas.metrics import MetricPoint
@@ -43,11 +41,13 @@ from tests.integration.cache_fixtures import (
     wait_idle,
     wait_until,
 )
-from worker.cache import Cache, create_redis, version_key
 from worker.config import Settings
 from worker.exceptions import NotFoundError
-from worker.pubsub import PubSub
-from worker.topology import INGEST_TOPICS, RUN_TOPICS
+from worker.pubsub.client import PubSub
+from worker.pubsub.topology import INGEST_TOPICS, RUN_TOPICS
+from worker.read.cached import CacheService
+from worker.read.service import DatabaseService
+from worker.storage.cache import Cache, create_redis, version_key
 
 pytestmark = pytest.mark.slow
 

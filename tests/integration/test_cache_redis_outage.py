@@ -21,8 +21,6 @@ import pytest_asyncio
 from handlers.backfill import job_cache_key
 from handlers.feedback import stats_cache_key
 from handlers.metrics import recent_cache_key
-from handlers.reads import CacheService
-from handlers.service import DatabaseService
 from tests.emulator import Counters, publish, running_worker
 from tests.factories import T0
 from tests.integration.cache_fixtures import (
@@ -36,11 +34,13 @@ from tests.integration.cache_fixtures import (
     stop_redis,
     wait_idle,
 )
-from worker.cache import version_key
 from worker.config import Settings
-from worker.pubsub import PubSub
-from worker.runner import Worker
-from worker.topology import RUN_TOPICS
+from worker.pubsub.client import PubSub
+from worker.pubsub.topology import RUN_TOPICS
+from worker.read.cached import CacheService
+from worker.read.service import DatabaseService
+from worker.sources.pull_worker import Worker
+from worker.storage.cache import version_key
 
 pytestmark = pytest.mark.slow
 

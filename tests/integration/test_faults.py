@@ -28,9 +28,9 @@ from tests.emulator import (
 )
 from tests.factories import T0, at, backfill_payload, feedback_payload, metric_payload
 from worker.config import Settings
-from worker.pubsub import PubSub
-from worker.pull import PullSettings
-from worker.topology import INGEST_TOPICS
+from worker.pubsub.client import PubSub
+from worker.pubsub.topology import INGEST_TOPICS
+from worker.sources.pull import PullSettings
 
 
 def iso(moment: datetime) -> str:

@@ -14,10 +14,10 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from handlers.events import event_key
-from handlers.service import DatabaseService
 from schemas.feedback import FeedbackEvent, FeedbackRecord, FeedbackStats
 from tests.factories import at, feedback
 from worker.exceptions import ValidationError
+from worker.read.service import DatabaseService
 
 
 async def only_row(db: DatabaseService, insight_id: str, user_id: str) -> FeedbackRecord:

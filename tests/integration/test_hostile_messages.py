@@ -34,7 +34,7 @@ from tests.factories import feedback_payload
 from tests.hostile import REASONS, message_data, valid_neighbours
 from tests.integration.push_fixtures import PushServices, app_client
 from worker.config import Settings
-from worker.pubsub import PubSub
+from worker.pubsub.client import PubSub
 
 TOPICS = ("backfill-progress", "feedback", "metrics")
 TABLES = {

@@ -13,12 +13,12 @@ from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from handlers.metrics import sample_identity, samples_message
-from handlers.service import DatabaseService
 from schemas.metrics import MetricAggregate, MetricRecord, MetricSample
 from tests.factories import T0, at, sample
 from worker.config import Settings
-from worker.db import create_engine
 from worker.exceptions import ConnectionError, ValidationError
+from worker.read.service import DatabaseService
+from worker.storage.database import create_engine
 
 pytestmark = pytest.mark.usefixtures("metrics_write_path")
 

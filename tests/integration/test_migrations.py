@@ -13,13 +13,13 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import handlers.metrics
-import worker.migrate
+import worker.storage.migrate
 from alembic import command
 from handlers.metrics import create_partitions
-from handlers.service import DatabaseService
 from tests.factories import sample
 from worker.config import Settings
-from worker.migrate import MONTHS_AHEAD, alembic_config, downgrade, upgrade
+from worker.read.service import DatabaseService
+from worker.storage.migrate import MONTHS_AHEAD, alembic_config, downgrade, upgrade
 
 OUR_TABLES = {"backfill_jobs", "insight_feedback", "system_metrics", "system_metric_ids"}
 
@@ -126,10 +126,10 @@ async def test_partitions_ahead_never_skip_a_month(
             return cls.fromtimestamp(frozen.timestamp(), tz)
 
     # Wherever the computation lives (it moved once), it asks one of these for the time.
-    for module in (worker.migrate, handlers.metrics):
+    for module in (worker.storage.migrate, handlers.metrics):
         if hasattr(module, "datetime"):
             monkeypatch.setattr(module, "datetime", FrozenDatetime)
-    await worker.migrate.ensure_partitions_ahead(settings)
+    await worker.storage.migrate.ensure_partitions_ahead(settings)
     expected = {partition_name(y, m) for y, m in months_from(2031, month, 1 + MONTHS_AHEAD)}
     present = {p for p in await partitions(engine) if p.startswith("system_metrics_y2031")}
     assert present == expected

@@ -24,9 +24,9 @@ from schemathesis import GenerationMode
 from schemathesis.core.result import Ok
 
 from tests.integration.push_fixtures import served
-from worker.api import create_app
 from worker.config import Settings
-from worker.topology import TOPOLOGY
+from worker.http.app import create_app
+from worker.pubsub.topology import TOPOLOGY
 
 MAX_EXAMPLES = 30
 

@@ -1,5 +1,5 @@
 """The connection pool after the server closed its connections: replaced at checkout,
-at no round trip's cost (``worker.db`` runs without SQLAlchemy's pre-ping)."""
+at no round trip's cost (``worker.storage.database`` runs without SQLAlchemy's pre-ping)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.conftest import admin_dsn
-from worker.db import connection, transaction
+from worker.storage.database import connection, transaction
 
 
 async def backend_pids(engine: AsyncEngine, count: int) -> set[int]:

@@ -21,10 +21,10 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from handlers.events import event_key
-from handlers.service import DatabaseService
 from schemas.backfill import BackfillProgressEvent, BackfillStatus
 from schemas.feedback import FeedbackEvent, FlagType
 from tests.factories import T0
+from worker.read.service import DatabaseService
 
 E = TypeVar("E", BackfillProgressEvent, FeedbackEvent)
 

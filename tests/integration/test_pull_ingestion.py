@@ -28,8 +28,8 @@ from tests.emulator import (
 )
 from tests.factories import T0, at, backfill_payload, feedback_payload, metric_payload
 from worker.config import Settings
-from worker.pipeline import BatchSettings
-from worker.pubsub import PubSub
+from worker.pipeline.batching import BatchSettings
+from worker.pubsub.client import PubSub
 
 T = TypeVar("T")
 

@@ -32,9 +32,9 @@ from tests.emulator import (
     wait_for_count,
 )
 from tests.factories import backfill_payload, feedback_payload, metric_payload
-from worker import topology
 from worker.config import Settings
-from worker.pubsub import PubSub
+from worker.pubsub import topology
+from worker.pubsub.client import PubSub
 
 ROOT = Path(__file__).resolve().parents[2]
 CONSOLE_SCRIPT = Path(sys.executable).parent / "utxoiq-worker"

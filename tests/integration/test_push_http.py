@@ -43,13 +43,13 @@ from tests.oidc_tokens import (
     sign_rs256,
     valid_authorization,
 )
-from worker.api import create_app
 from worker.config import Settings
-from worker.http_limits import MAX_HEAD_BYTES, HeadLimits
-from worker.oidc import CertCache, CertsUnavailableError, PushVerifier
-from worker.pipeline import BatchSettings
-from worker.pubsub import PubSub
-from worker.push import MAX_PUSH_BODY_BYTES
+from worker.http.app import create_app
+from worker.http.limits import MAX_HEAD_BYTES, HeadLimits
+from worker.http.oidc import CertCache, CertsUnavailableError, PushVerifier
+from worker.pipeline.batching import BatchSettings
+from worker.pubsub.client import PubSub
+from worker.sources.push import MAX_PUSH_BODY_BYTES
 
 NOTHING = {"system_metrics": 0, "insight_feedback": 0, "backfill_jobs": 0}
 DEAD_DATABASE_URL = "postgresql+asyncpg://postgres@127.0.0.1:1/utxoiq"
@@ -177,7 +177,7 @@ async def test_certificates_unavailable_is_503_so_pubsub_retries(
     async with app_client(
         pubsub_settings, push.services, verifier, fastapi_route=fastapi_route
     ) as (http):
-        with caplog.at_level(logging.WARNING, logger="worker.push_endpoint"):
+        with caplog.at_level(logging.WARNING, logger="worker.http.push_endpoint"):
             response = await http.post(
                 "/push/metrics", content=encoded(envelope(sample())), headers=headers()
             )
@@ -186,7 +186,7 @@ async def test_certificates_unavailable_is_503_so_pubsub_retries(
         "error": "unavailable",
         "detail": "token verification unavailable; retry",
     }
-    logged = [r for r in caplog.records if r.name == "worker.push_endpoint"]
+    logged = [r for r in caplog.records if r.name == "worker.http.push_endpoint"]
     assert [r.getMessage() for r in logged] == ["push token not verified: certificates unavailable"]
     assert getattr(logged[0], "reason", "")
     await assert_nothing_written(engine, push)

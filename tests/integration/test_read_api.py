@@ -23,13 +23,13 @@ from sqlalchemy import text
 from handlers.backfill import job_cache_key
 from handlers.feedback import stats_cache_key
 from handlers.metrics import recent_cache_key
-from handlers.service import DatabaseService
 from schemas.backfill import BackfillJobResponse
 from tests.factories import T0, feedback, progress, sample
 from tests.integration.cache_fixtures import RedisDb, own_redis_db
-from worker.api import Services, create_app
 from worker.config import Settings
-from worker.db import connection
+from worker.http.app import Services, create_app
+from worker.read.service import DatabaseService
+from worker.storage.database import connection
 
 
 @dataclass

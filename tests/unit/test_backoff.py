@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from worker.pipeline import Backoff
+from worker.pipeline.batching import Backoff
 
 
 async def test_failures_together_pause_once_not_exponentially() -> None:

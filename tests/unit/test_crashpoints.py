@@ -1,4 +1,4 @@
-"""``worker.crashpoints``: parsed once, a no-op when unset, a kill on the armed hit."""
+"""``worker.pipeline.crash_points``: parsed once, a no-op when unset, a kill on the armed hit."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from worker.crashpoints import ENV_VAR, CrashPoint, CrashPoints
+from worker.pipeline.crash_points import ENV_VAR, CrashPoint, CrashPoints
 
 
 class Killed(Exception):
@@ -93,7 +93,7 @@ def test_kills_on_the_counted_hit() -> None:
 def test_from_env_warns_when_armed_and_is_silent_when_not(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="worker.crashpoints"):
+    with caplog.at_level(logging.WARNING, logger="worker.pipeline.crash_points"):
         assert CrashPoints.from_env({}).point is None
         assert caplog.records == []
         points = CrashPoints.from_env({ENV_VAR: "before_commit:2"})

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from tests.unit.test_leases import FakePipeline, Received
-from worker.pull import FIRST_PULL_MESSAGES, PullSettings, PullSource
+from worker.sources.pull import FIRST_PULL_MESSAGES, PullSettings, PullSource
 
 MESSAGE_BYTES = 100_000
 PAYLOAD = b"x" * MESSAGE_BYTES

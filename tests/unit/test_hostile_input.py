@@ -21,15 +21,15 @@ from handlers.feedback import FeedbackHandler
 from handlers.metrics import MetricsHandler
 from tests.factories import backfill_payload, feedback_payload, metric_payload
 from tests.hostile import REASONS, envelope_fields, message_data, times
-from worker.deadletter import dead_letter_attributes, rfc3339
-from worker.decoding import decode_json_object
 from worker.exceptions import (
     ExpiredError,
     InvalidJsonError,
     PermanentError,
     SchemaViolationError,
 )
-from worker.push import EnvelopeError, parse_envelope
+from worker.pipeline.dead_letters import dead_letter_attributes, rfc3339
+from worker.pipeline.decoding import decode_json_object
+from worker.sources.push import EnvelopeError, parse_envelope
 
 HANDLERS: dict[str, Any] = {
     "backfill-progress": BackfillHandler(),

@@ -16,11 +16,11 @@ from typing import Any
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
 
 from tests.unit.test_leases import FakePipeline, Received
-from worker.delivery import Delivery
 from worker.exceptions import PermanentError, SchemaViolationError
-from worker.handler import BatchOutcome
-from worker.pipeline import BatchSettings, TopicPipeline
-from worker.pull import PullSettings, PullSource
+from worker.pipeline.batching import BatchSettings, TopicPipeline
+from worker.pipeline.delivery import Delivery
+from worker.pipeline.handler import BatchOutcome
+from worker.sources.pull import PullSettings, PullSource
 from worker.telemetry import create_telemetry
 
 

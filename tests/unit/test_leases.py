@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from worker.pull import MIN_ACK_DEADLINE_S, PullSettings, PullSource
+from worker.sources.pull import MIN_ACK_DEADLINE_S, PullSettings, PullSource
 
 
 class FakePipeline:

@@ -27,11 +27,11 @@ from tests.oidc_tokens import (
     sign_rs256,
     valid_authorization,
 )
-from worker import oidc
-from worker.api import push_verifier
 from worker.config import Settings
 from worker.exceptions import WorkerError
-from worker.oidc import (
+from worker.http import oidc
+from worker.http.app import push_verifier
+from worker.http.oidc import (
     CERTS_RETRY_AFTER_S,
     CLOCK_SKEW_S,
     AuthError,
@@ -232,7 +232,7 @@ async def test_a_refusal_echoes_nothing_and_names_no_configuration(
     header = BAD_AUTH[case].header()
     token = (header or "").partition(" ")[2].strip()
     with (
-        caplog.at_level(logging.INFO, logger="worker.oidc"),
+        caplog.at_level(logging.INFO, logger="worker.http.oidc"),
         pytest.raises((AuthError, ForbiddenError)) as raised,
     ):
         await verifier.verify(header)
@@ -243,7 +243,7 @@ async def test_a_refusal_echoes_nothing_and_names_no_configuration(
     if len(token) > 16:
         assert token not in message
     # The detail is logged once, cut short, and never holds the token.
-    refusals = [r for r in caplog.records if r.name == "worker.oidc"]
+    refusals = [r for r in caplog.records if r.name == "worker.http.oidc"]
     assert len(refusals) == 1
     (record,) = refusals
     assert record.levelno == logging.INFO
@@ -260,7 +260,7 @@ async def test_a_megabyte_of_garbage_gets_a_short_fixed_answer(
 ) -> None:
     for garbage in ("x" * 2**20, ".".join(["eyJ" + "A" * 2**18] * 3), "a." * 2**19):
         with (
-            caplog.at_level(logging.INFO, logger="worker.oidc"),
+            caplog.at_level(logging.INFO, logger="worker.http.oidc"),
             pytest.raises(AuthError) as raised,
         ):
             await verifier.verify(bearer(garbage))

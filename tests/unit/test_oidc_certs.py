@@ -30,7 +30,7 @@ from tests.oidc_tokens import (
     valid_authorization,
 )
 from worker.exceptions import WorkerError
-from worker.oidc import (
+from worker.http.oidc import (
     CERTS_RETRY_AFTER_S,
     AuthError,
     CertCache,

@@ -13,9 +13,9 @@ from typing import Any, TypeVar
 from worker import logs
 from worker.config import Settings
 from worker.exceptions import WorkerError
-from worker.pipeline import BatchSettings
-from worker.pull import PullSettings
-from worker.topology import RUN_TOPICS
+from worker.pipeline.batching import BatchSettings
+from worker.pubsub.topology import RUN_TOPICS
+from worker.sources.pull import PullSettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -101,21 +101,21 @@ def _env_list(name: str) -> list[str] | None:
 
 async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "migrate":
-        from worker.migrate import upgrade
+        from worker.storage.migrate import upgrade
 
         await upgrade(settings, args.revision)
         return 0
     if args.command == "downgrade":
-        from worker.migrate import downgrade
+        from worker.storage.migrate import downgrade
 
         await downgrade(settings, args.revision)
         return 0
     if args.command == "demo":
-        from worker.demo import run_demo
+        from worker.cli.demo import run_demo
 
         return await run_demo(settings)
     if args.command == "topology":
-        from worker import topology
+        from worker.pubsub import topology
 
         if args.action == "render":
             sys.stdout.write(topology.render_json(args.push_endpoint))
@@ -124,11 +124,11 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             print(" ".join(f"{k}={v}" for k, v in counts.items()))
         return 0
     if args.command == "serve":
-        from worker.serve import serve
+        from worker.http.serve import serve
 
         return await serve(settings, args.host)
     if args.command == "run":
-        from worker.runner import RunOptions, run_worker
+        from worker.sources.pull_worker import RunOptions, run_worker
 
         options = RunOptions(
             topics=tuple(args.only or RUN_TOPICS),

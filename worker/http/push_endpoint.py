@@ -3,7 +3,7 @@
 Every push request is small and the server must take thousands a second on one
 core. Starlette's middleware layers, request objects and routing, and FastAPI's
 dependency solving, cost several times what the push itself costs, so the app
-(``worker.api.WorkerApp``) hands ``POST /push/...`` to ``PushEndpoint`` straight
+(``worker.http.app.WorkerApp``) hands ``POST /push/...`` to ``PushEndpoint`` straight
 from the ASGI scope. The FastAPI route of the same path stays, for the OpenAPI
 document; both call ``answer``.
 """
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import orjson
 from starlette.types import Receive, Scope, Send
 
-from worker.http_limits import Deadlines
-from worker.oidc import AuthError, CertsUnavailableError, ForbiddenError, PushVerifier
-from worker.push import MAX_PUSH_BODY_BYTES, EnvelopeError, PushIngest, parse_envelope
+from worker.http.limits import Deadlines
+from worker.http.oidc import AuthError, CertsUnavailableError, ForbiddenError, PushVerifier
+from worker.sources.push import MAX_PUSH_BODY_BYTES, EnvelopeError, PushIngest, parse_envelope
 
 log = logging.getLogger(__name__)
 

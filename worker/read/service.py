@@ -20,9 +20,9 @@ from handlers.events import M, validate
 from schemas.backfill import BackfillJobResponse, BackfillProgressEvent, BackfillStatus
 from schemas.feedback import FeedbackEvent, FeedbackRecord, FeedbackStats
 from schemas.metrics import MetricAggregate, MetricPoint, MetricRecord, MetricSample
-from worker.db import connection
 from worker.exceptions import NotFoundError, SchemaViolationError, ValidationError
-from worker.handler import BatchOutcome
+from worker.pipeline.handler import BatchOutcome
+from worker.storage.database import connection
 
 
 def _now() -> datetime:

@@ -1,6 +1,6 @@
 """The HTTP app that ``utxoiq-worker serve`` runs: health, readiness, the read API.
 
-Every ``/v1`` read goes through the cache-aside path (``handlers.reads``). Errors are
+Every ``/v1`` read goes through the cache-aside path (``worker.read.cached``). Errors are
 JSON: 404 ``{"error": "not_found", "detail": ...}``, 422 with the offending field named
 in ``detail[].loc`` (FastAPI's validation format), 503 when a dependency is down.
 """
@@ -24,24 +24,24 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import Receive, Scope, Send
 
 from handlers import build_handlers
-from handlers.reads import CacheService
-from handlers.service import DatabaseService
 from schemas.backfill import BackfillJobResponse, BackfillStatus
 from schemas.feedback import FeedbackStats
 from schemas.metrics import MetricAggregate, MetricPoint, MetricRecord
-from worker.cache import Cache, create_redis
 from worker.config import Settings
-from worker.crashpoints import CrashPoints
-from worker.db import connection, create_engine
-from worker.deadletter import DeadLetterPublisher
 from worker.exceptions import NotFoundError, ValidationError, WorkerError
-from worker.invalidation import InvalidationPublisher
-from worker.oidc import PushVerifier
-from worker.pipeline import BatchSettings
-from worker.pubsub import PubSub
-from worker.push import PushIngest
-from worker.push_endpoint import PushEndpoint, answer, push_topic, read_capped
-from worker.read_params import IN_UTC, NO_NUL
+from worker.http.oidc import PushVerifier
+from worker.http.params import IN_UTC, NO_NUL
+from worker.http.push_endpoint import PushEndpoint, answer, push_topic, read_capped
+from worker.pipeline.batching import BatchSettings
+from worker.pipeline.crash_points import CrashPoints
+from worker.pipeline.dead_letters import DeadLetterPublisher
+from worker.pubsub.client import PubSub
+from worker.pubsub.invalidations import InvalidationPublisher
+from worker.read.cached import CacheService
+from worker.read.service import DatabaseService
+from worker.sources.push import PushIngest
+from worker.storage.cache import Cache, create_redis
+from worker.storage.database import connection, create_engine
 from worker.telemetry import Telemetry, create_telemetry
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def _services_of(app: FastAPI) -> Services:
 
 class WorkerApp(FastAPI):
     """The FastAPI app, with push requests answered before Starlette's stack
-    (see ``worker.push_endpoint``)."""
+    (see ``worker.http.push_endpoint``)."""
 
     push_endpoint: PushEndpoint | None = None
 

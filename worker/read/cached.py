@@ -1,6 +1,6 @@
 """``CacheService``: the read path of the design document.
 
-Redis first, PostgreSQL on a miss, then a guarded cache fill (``worker.cache``), with
+Redis first, PostgreSQL on a miss, then a guarded cache fill (``worker.storage.cache``), with
 CONTRACT.md's keys and TTLs. A Redis failure only costs a database query.
 """
 
@@ -13,12 +13,12 @@ from pydantic import TypeAdapter
 from handlers.backfill import JOB_TTL_S, job_cache_key
 from handlers.feedback import STATS_TTL_S, stats_cache_key
 from handlers.metrics import RECENT_TTL_S, recent_cache_key
-from handlers.service import DatabaseService
 from schemas.backfill import BackfillJobResponse
 from schemas.feedback import FeedbackStats
 from schemas.metrics import MetricPoint
-from worker.cache import Cache
 from worker.exceptions import NotFoundError
+from worker.read.service import DatabaseService
+from worker.storage.cache import Cache
 
 _POINTS = TypeAdapter(list[MetricPoint])
 

@@ -18,17 +18,17 @@ from dataclasses import dataclass, field
 
 from handlers import build_handlers
 from handlers.metrics import ensure_months_ahead
-from worker.cache import Cache, create_redis
 from worker.config import Settings
-from worker.crashpoints import CrashPoints
-from worker.db import create_engine
-from worker.deadletter import DeadLetterPublisher
-from worker.invalidation import INVALIDATION_TOPIC, InvalidationPublisher
-from worker.pipeline import BatchSettings, TopicPipeline
-from worker.pubsub import PubSub
-from worker.pull import PullSettings, PullSource
+from worker.pipeline.batching import BatchSettings, TopicPipeline
+from worker.pipeline.crash_points import CrashPoints
+from worker.pipeline.dead_letters import DeadLetterPublisher
+from worker.pubsub.client import PubSub
+from worker.pubsub.invalidations import INVALIDATION_TOPIC, InvalidationPublisher
+from worker.pubsub.topology import RUN_TOPICS, spec_for
+from worker.sources.pull import PullSettings, PullSource
+from worker.storage.cache import Cache, create_redis
+from worker.storage.database import create_engine
 from worker.telemetry import Telemetry, create_telemetry
-from worker.topology import RUN_TOPICS, spec_for
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from handlers.service import DatabaseService
-from worker import topology
 from worker.config import Settings
-from worker.migrate import upgrade
-from worker.pubsub import PubSub, PubsubMessage
-from worker.runner import RunOptions, Worker
+from worker.pubsub import topology
+from worker.pubsub.client import PubSub, PubsubMessage
+from worker.read.service import DatabaseService
+from worker.sources.pull_worker import RunOptions, Worker
+from worker.storage.migrate import upgrade
 
 SETTLE_TIMEOUT_S = 60
 

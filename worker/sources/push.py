@@ -17,12 +17,12 @@ from typing import Any
 
 import orjson
 
-from worker.crashpoints import CrashPoints
-from worker.deadletter import DeadLetterPublisher
-from worker.delivery import Delivery
 from worker.exceptions import InvalidEncodingError, PermanentError, SchemaViolationError
-from worker.handler import Handler
-from worker.pipeline import AfterCommit, BatchSettings, TopicPipeline
+from worker.pipeline.batching import AfterCommit, BatchSettings, TopicPipeline
+from worker.pipeline.crash_points import CrashPoints
+from worker.pipeline.dead_letters import DeadLetterPublisher
+from worker.pipeline.delivery import Delivery
+from worker.pipeline.handler import Handler
 from worker.telemetry import Telemetry
 
 log = logging.getLogger(__name__)

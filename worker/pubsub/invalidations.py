@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 import orjson
 
 from schemas.invalidation import MAX_KEYS_PER_MESSAGE
-from worker.pubsub import PubSub, PubsubMessage
+from worker.pubsub.client import PubSub, PubsubMessage
 
 INVALIDATION_TOPIC = "cache-invalidation"
 

@@ -26,13 +26,13 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from worker.crashpoints import CrashPoint, CrashPoints
-from worker.deadletter import DeadLetterPublisher
-from worker.decoding import decode_json_object
-from worker.delivery import Delivery
 from worker.exceptions import PermanentError, WorkerError
-from worker.handler import BatchOutcome, Handler
-from worker.supervision import keep_running
+from worker.pipeline.crash_points import CrashPoint, CrashPoints
+from worker.pipeline.dead_letters import DeadLetterPublisher
+from worker.pipeline.decoding import decode_json_object
+from worker.pipeline.delivery import Delivery
+from worker.pipeline.handler import BatchOutcome, Handler
+from worker.pipeline.supervision import keep_running
 from worker.telemetry import Telemetry
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from alembic.config import Config
 from alembic import command
 from handlers.metrics import ensure_months_ahead
 from worker.config import Settings
-from worker.db import create_database_if_missing, create_engine
+from worker.storage.database import create_database_if_missing, create_engine
 
 log = logging.getLogger(__name__)
 

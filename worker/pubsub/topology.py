@@ -20,7 +20,7 @@ from google.pubsub_v1 import PublisherAsyncClient, SubscriberAsyncClient
 from google.pubsub_v1.types import DeadLetterPolicy, PushConfig, RetryPolicy, Subscription
 
 from worker.config import Settings
-from worker.pubsub import subscription_path, topic_path
+from worker.pubsub.client import subscription_path, topic_path
 
 log = logging.getLogger(__name__)
 

@@ -6,10 +6,10 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from worker.delivery import Delivery
 from worker.exceptions import PermanentError
-from worker.pubsub import PubSub, PubsubMessage
-from worker.topology import spec_for
+from worker.pipeline.delivery import Delivery
+from worker.pubsub.client import PubSub, PubsubMessage
+from worker.pubsub.topology import spec_for
 
 MAX_DETAIL_BYTES = 1024
 MAX_PER_REQUEST = 1000

@@ -136,7 +136,7 @@ class PubSub:
         return list(response.received_messages)
 
     def streaming_pull(self, requests: AsyncIterator[Any]) -> Any:
-        """The raw bidirectional StreamingPull call (see worker.pull)."""
+        """The raw bidirectional StreamingPull call (see worker.sources.pull)."""
         return self._streaming_pull(requests)
 
     async def acknowledge(self, subscription: str, ack_ids: Sequence[str]) -> None:

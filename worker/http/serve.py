@@ -11,11 +11,11 @@ import signal
 import uvicorn
 from starlette.types import ASGIApp
 
-from worker.api import create_app
 from worker.config import Settings
-from worker.crashpoints import CrashPoints
-from worker.http_limits import HeadLimits
-from worker.runner import tune_garbage_collector
+from worker.http.app import create_app
+from worker.http.limits import HeadLimits
+from worker.pipeline.crash_points import CrashPoints
+from worker.sources.pull_worker import tune_garbage_collector
 
 GRACEFUL_SHUTDOWN_S = 8
 

@@ -32,11 +32,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from worker.delivery import Delivery
 from worker.exceptions import WorkerError
-from worker.pipeline import TopicPipeline
-from worker.pubsub import PubSub
-from worker.supervision import keep_running
+from worker.pipeline.batching import TopicPipeline
+from worker.pipeline.delivery import Delivery
+from worker.pipeline.supervision import keep_running
+from worker.pubsub.client import PubSub
 
 log = logging.getLogger(__name__)
 
