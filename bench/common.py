@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import asyncpg
 from sqlalchemy import make_url
 
+from handlers import registry
 from worker.config import Settings
 from worker.storage.migrate import upgrade
 
@@ -76,7 +77,7 @@ async def fresh_database(name: str) -> Settings:
     """
     await _as_admin(_drop(name))
     settings = scratch_settings(name)
-    await upgrade(settings)
+    await upgrade(settings, registry())
     if name not in DATABASES:
         DATABASES.append(name)
     await _as_admin("CHECKPOINT")

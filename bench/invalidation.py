@@ -351,7 +351,7 @@ async def run() -> None:
     pubsub = await fresh_topology(settings)
     engine = create_engine(settings)
     cache = Cache(create_redis(settings))
-    reads = CacheService(cache, DatabaseService(engine))
+    reads = CacheService(cache, DatabaseService(engine, None))
     watcher_redis = create_redis(settings)
     # Redis outlives the database: keys of this run only, removed at the end.
     tag = uuid.uuid4().hex[:8]

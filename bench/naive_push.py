@@ -29,7 +29,7 @@ from worker.storage.database import create_engine
 
 def create_naive_app(settings: Settings) -> Starlette:
     engine = create_engine(settings)
-    db = DatabaseService(engine)
+    db = DatabaseService(engine, None)
 
     async def push(request: Request) -> Response:
         envelope = orjson.loads(await request.body())

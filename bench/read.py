@@ -332,7 +332,7 @@ async def run() -> None:
     insight_id = f"bench-read-{uuid.uuid4().hex[:10]}"
     key = stats_cache_key(insight_id)
     engine = create_engine(settings)
-    db = _CountingDatabase(engine)
+    db = _CountingDatabase(engine, None)
     cache = Cache(create_redis(settings))
     reads = CacheService(cache, db)
     try:

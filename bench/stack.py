@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import asyncpg
 
 from bench.common import asyncpg_dsn
+from handlers import registry
 from worker.config import Settings
 from worker.pubsub import topology
 from worker.pubsub.client import PubSub, PubsubMessage
@@ -40,11 +41,11 @@ async def cleanup() -> None:
     """Delete the scenarios' topics and subscriptions: the emulator frees their messages,
     so one scenario's leftovers do not slow the next one down."""
     while PROJECTS:
-        await topology.delete(PROJECTS.pop())
+        await topology.delete(PROJECTS.pop(), registry())
 
 
 async def fresh_topology(settings: Settings) -> PubSub:
-    await topology.apply(settings)
+    await topology.apply(settings, registry())
     return PubSub(settings)
 
 

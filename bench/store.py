@@ -76,7 +76,7 @@ def _feedback(now: datetime) -> list[FeedbackEvent]:
 async def run() -> None:
     settings = await fresh_database("utxoiq_bench_store")
     engine = create_engine(settings)
-    db = DatabaseService(engine)
+    db = DatabaseService(engine, None)
     raw = await asyncpg.connect(asyncpg_dsn(settings))
     now = datetime.now(UTC)
     try:

@@ -1,30 +1,22 @@
-"""One module per topic: validate, write a batch in one statement, name the cache keys."""
+"""One module per topic: validate, write a batch in one statement, name the cache keys.
+
+Each module declares its topic (``TOPIC``, a ``worker.topics.Topic``); ``registry()``
+collects them, so adding a topic is adding a module here (and its migration).
+"""
 
 from __future__ import annotations
 
-from datetime import timedelta
-from typing import Any
+import importlib
+import pkgutil
 
-from handlers.backfill import BackfillHandler
-from handlers.cache_invalidation import CacheInvalidationHandler
-from handlers.feedback import FeedbackHandler
-from handlers.metrics import MetricsHandler
-from worker.config import Settings
-from worker.pipeline.handler import Handler
-from worker.storage.cache import Cache
+from worker.topics import Registry, Topic
 
 
-def build_handlers(settings: Settings, cache: Cache | None = None) -> dict[str, Handler[Any]]:
-    """A fresh handler per topic (handlers hold per-process caches), with the retention
-    windows of ``settings``.
-
-    The Redis updater (``cache-invalidation``) is included when a cache is given.
-    """
-    handlers: list[Handler[Any]] = [
-        BackfillHandler(timedelta(days=settings.backfill_retention_days)),
-        FeedbackHandler(timedelta(days=settings.feedback_retention_days)),
-        MetricsHandler(timedelta(days=settings.metrics_retention_days)),
-    ]
-    if cache is not None:
-        handlers.append(CacheInvalidationHandler(cache))
-    return {h.topic: h for h in handlers}
+def registry() -> Registry:
+    """Every topic declared by a module of this package, in module order."""
+    topics: list[Topic] = []
+    for module in pkgutil.iter_modules(__path__):
+        declared = getattr(importlib.import_module(f"{__name__}.{module.name}"), "TOPIC", None)
+        if isinstance(declared, Topic):
+            topics.append(declared)
+    return Registry(topics)

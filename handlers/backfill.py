@@ -35,6 +35,7 @@ from worker.exceptions import ConflictError
 from worker.pipeline.handler import BatchOutcome
 from worker.storage.database import driver_connection, transaction
 from worker.storage.tables import backfill_jobs
+from worker.topics import Topic
 
 JOB_TTL_S = 300
 DEFAULT_RETENTION_DAYS = 180
@@ -320,3 +321,12 @@ class BackfillHandler:
     ) -> BatchOutcome:
         async with transaction(engine) as conn:
             return await write(conn, items)
+
+
+TOPIC = Topic(
+    name="backfill-progress",
+    subscription="backfill-progress-worker",
+    build_handler=lambda context: BackfillHandler(
+        timedelta(days=context.settings.backfill_retention_days)
+    ),
+)

@@ -22,7 +22,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from handlers.events import validate
 from schemas.invalidation import CacheInvalidation
 from worker.pipeline.handler import BatchOutcome
+from worker.pubsub.invalidations import INVALIDATION_TOPIC
 from worker.storage.cache import Cache, CacheUnavailableError
+from worker.topics import Topic
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,7 @@ HOLD_LOG_EVERY_S = 60.0
 
 
 class CacheInvalidationHandler:
-    topic = "cache-invalidation"
+    topic = INVALIDATION_TOPIC
 
     def __init__(self, cache: Cache) -> None:
         self.cache = cache
@@ -55,3 +57,12 @@ class CacheInvalidationHandler:
                 await asyncio.sleep(delay_s)
                 waited_s += delay_s
                 delay_s = min(delay_s * 2, 5.0)
+
+
+TOPIC = Topic(
+    name=INVALIDATION_TOPIC,
+    subscription="cache-invalidation-redis-updater",
+    build_handler=lambda context: CacheInvalidationHandler(context.cache),
+    # Its batches name no cache keys: the updater never publishes invalidations.
+    invalidates_cache=False,
+)

@@ -21,6 +21,7 @@ from schemas.feedback import FLAG_TYPES, FeedbackEvent, FeedbackRecord, Feedback
 from worker.pipeline.handler import BatchOutcome
 from worker.storage.database import driver_connection, transaction
 from worker.storage.tables import insight_feedback
+from worker.topics import Topic
 
 STATS_TTL_S = 3600
 DEFAULT_RETENTION_DAYS = 730
@@ -189,3 +190,12 @@ class FeedbackHandler:
     async def apply(self, engine: AsyncEngine, items: Sequence[FeedbackEvent]) -> BatchOutcome:
         async with transaction(engine) as conn:
             return await write(conn, items)
+
+
+TOPIC = Topic(
+    name="feedback",
+    subscription="feedback-worker",
+    build_handler=lambda context: FeedbackHandler(
+        timedelta(days=context.settings.feedback_retention_days)
+    ),
+)

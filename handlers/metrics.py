@@ -41,6 +41,7 @@ from worker.exceptions import ExpiredError, QueryError, SchemaViolationError, Va
 from worker.pipeline.handler import BatchOutcome
 from worker.storage.database import driver_connection, transaction
 from worker.storage.tables import system_metrics
+from worker.topics import Topic
 
 RECENT_TTL_S = 300
 DEFAULT_RETENTION_DAYS = 90
@@ -244,7 +245,11 @@ async def create_partitions(engine: AsyncEngine, moments: Iterable[datetime]) ->
         )
 
 
-async def ensure_months_ahead(engine: AsyncEngine, months: int = 3) -> None:
+MONTHS_AHEAD = 3
+"""Partitions made ahead: this month and the next three (start-up and ``migrate``)."""
+
+
+async def ensure_months_ahead(engine: AsyncEngine, months: int = MONTHS_AHEAD) -> None:
     """Create the partitions of this month and the next ``months`` (startup, migrate)."""
     # From the 1st: 31-day steps from, say, Jan 31 would land in March, skipping February.
     first = datetime.now(UTC).replace(day=1)
@@ -441,3 +446,13 @@ class MetricsHandler:
             async with transaction(engine) as conn:
                 await write(conn, rows)
         return BatchOutcome(cache_keys=cache_keys(rows))
+
+
+TOPIC = Topic(
+    name="metrics",
+    subscription="metrics-worker",
+    build_handler=lambda context: MetricsHandler(
+        timedelta(days=context.settings.metrics_retention_days)
+    ),
+    on_start=ensure_months_ahead,
+)

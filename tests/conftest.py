@@ -21,6 +21,7 @@ from sqlalchemy import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import handlers.metrics
+from tests.support.topics import REGISTRY
 from worker.config import Settings
 from worker.pubsub import topology
 from worker.pubsub.client import PubSub
@@ -122,7 +123,7 @@ async def template_database(postgres_available: None) -> AsyncIterator[str]:
         settings = dataclasses.replace(base_settings(), database_url=url_for(TEMPLATE_DATABASE))
         # upgrade() disposes every engine it creates (and env.py uses a NullPool), so
         # no session is left behind; CREATE DATABASE ... TEMPLATE needs none open.
-        await upgrade(settings)
+        await upgrade(settings, REGISTRY)
         leftover = await conn.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = $1", TEMPLATE_DATABASE
         )
@@ -178,7 +179,7 @@ async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
 
 @pytest.fixture
 def db(engine: AsyncEngine) -> DatabaseService:
-    return DatabaseService(engine)
+    return DatabaseService(engine, None)
 
 
 @pytest.fixture(scope="session")
@@ -211,7 +212,7 @@ async def pubsub_settings(settings: Settings, pubsub_emulator: str) -> Settings:
         google_cloud_project=f"test-{uuid.uuid4().hex[:12]}",
         pubsub_emulator_host=pubsub_emulator,
     )
-    await topology.apply(fresh)
+    await topology.apply(fresh, REGISTRY)
     return fresh
 
 

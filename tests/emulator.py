@@ -19,13 +19,16 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader, Sum
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tests.support.topics import INGEST_TOPICS, REGISTRY
 from worker.config import Settings
 from worker.pipeline.batching import BatchSettings
 from worker.pubsub.client import PubSub, PubsubMessage
-from worker.pubsub.topology import INGEST_TOPICS, spec_for
+from worker.pubsub.names import dead_letter_subscription
+from worker.runtime import Runtime
 from worker.sources.pull import PullSettings
-from worker.sources.pull_worker import RunOptions, Worker
+from worker.sources.pull_worker import PullWorker
 from worker.telemetry import Telemetry, create_telemetry
+from worker.topics import Registry
 
 T = TypeVar("T")
 
@@ -163,7 +166,7 @@ async def drain_dead_letters(
     """Every dead letter of ``topic`` (read through ``{topic}-dead-letter-sub``, acked)."""
     return await pull_all(
         pubsub,
-        spec_for(topic).dead_letter_subscription,
+        dead_letter_subscription(topic),
         expected=expected,
         timeout_s=timeout_s,
         quiet_s=quiet_s,
@@ -226,16 +229,17 @@ async def running_worker(
     batch: BatchSettings = FAST_BATCH,
     pull: PullSettings | None = None,
     telemetry: Telemetry | None = None,
-) -> AsyncIterator[Worker]:
-    """``Worker(settings, RunOptions(...))`` started in-process, stopped on exit."""
-    worker = Worker(
-        settings, RunOptions(topics=topics, batch=batch, pull=pull or PullSettings()), telemetry
-    )
-    worker.start()
+    registry: Registry = REGISTRY,
+) -> AsyncIterator[PullWorker]:
+    """A pull worker on a runtime of its own, started in-process, stopped on exit."""
+    runtime = Runtime(settings, registry, telemetry=telemetry, batch=batch)
+    worker = PullWorker(runtime, topics, pull)
     try:
+        await worker.start()
         yield worker
     finally:
         await worker.stop()
+        await runtime.close()
 
 
 class Counters:

@@ -31,10 +31,10 @@ from tests.emulator import (
     wait_for_count,
 )
 from tests.factories import T0, at, backfill_payload, feedback_payload, metric_payload
+from tests.support.topics import INGEST_TOPICS, REGISTRY
 from worker.config import Settings
 from worker.pubsub import topology
 from worker.pubsub.client import PubSub
-from worker.pubsub.topology import INGEST_TOPICS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -178,7 +178,7 @@ def test_topology_render_is_the_committed_deploy_file() -> None:
     )
     committed = (ROOT / "deploy" / "pubsub-topology.json").read_text()
     assert result.stdout.decode() == committed
-    assert json.loads(committed) == topology.render()
+    assert json.loads(committed) == topology.render(REGISTRY)
 
 
 # -- run ----------------------------------------------------------------------------------

@@ -427,7 +427,7 @@ async def check_redis_invariant(redis_url: str, dsn: str) -> RedisReport:
     """
     redis = aioredis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=10)
     engine = create_async_engine(sqlalchemy_url(dsn), pool_size=2, max_overflow=0)
-    db = DatabaseService(engine)
+    db = DatabaseService(engine, None)
     report = RedisReport(checked={kind: 0 for kind in TTL_S})
     try:
         keys = sorted({str(k) async for k in redis.scan_iter(count=1000)})

@@ -24,6 +24,7 @@ from tests.faults.postgres import PostgresCluster
 from tests.faults.processes import Processes
 from tests.faults.proxy import TcpProxy
 from tests.faults.redis_server import RedisServer
+from tests.support.topics import REGISTRY
 from worker.config import Settings
 from worker.pubsub import topology
 from worker.pubsub.client import PubSub
@@ -99,11 +100,11 @@ async def fault_settings(
         database_command_timeout_s=5.0,
         database_statement_timeout_s=5.0,
     )
-    await topology.apply(settings, redelivery=FAULT_REDELIVERY)
+    await topology.apply(settings, REGISTRY, redelivery=FAULT_REDELIVERY)
     yield settings
     # The emulator keeps every message of a subscription in memory until it is deleted.
     with contextlib.suppress(Exception):
-        await topology.delete(settings)
+        await topology.delete(settings, REGISTRY)
 
 
 @pytest_asyncio.fixture(loop_scope="session")

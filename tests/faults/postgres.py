@@ -28,6 +28,7 @@ from typing import Literal
 
 import asyncpg
 
+from tests.support.topics import REGISTRY
 from worker.config import Settings
 from worker.storage.migrate import upgrade
 
@@ -254,7 +255,7 @@ class PostgresCluster:
     async def migrate_template(self, name: str) -> None:
         """Create ``name``, migrate it (Alembic head, partitions ahead), make it a template
         that accepts no connections (a stray one would make every copy fail)."""
-        await upgrade(Settings(database_url=self.url(name)))
+        await upgrade(Settings(database_url=self.url(name)), REGISTRY)
         conn = await self.connect()
         try:
             await conn.execute(

@@ -169,7 +169,7 @@ class Scenario:
     async def _read_until(self, stop: asyncio.Event, rng: random.Random) -> None:
         engine = create_engine(self.settings)
         cache = Cache(create_redis(self.settings))
-        reads = CacheService(cache, DatabaseService(engine))
+        reads = CacheService(cache, DatabaseService(engine, None))
         expected, refreshed = self.expected(), time.monotonic()
         try:
             while not stop.is_set():

@@ -41,10 +41,10 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as trace_pb
 from tests.faults.checks import asyncpg_dsn
 from tests.faults.processes import Processes, WorkerProcess, worker_environment
 from tests.faults.scenario import Scenario
+from tests.support.topics import INGEST_TOPICS
 from worker.config import Settings
 from worker.pipeline.crash_points import CrashPoint
 from worker.pubsub.client import PubSub
-from worker.pubsub.topology import INGEST_TOPICS
 
 SEED = int(os.environ.get("FAULT_SEED", "20261122"))
 MESSAGES = int(os.environ.get("FAULT_MESSAGES", "3000"))

@@ -21,11 +21,11 @@ from tests.faults.postgres import PostgresCluster, free_port
 from tests.faults.processes import Processes, worker_environment
 from tests.faults.proxy import TcpProxy
 from tests.faults.redis_server import RedisServer
+from tests.support.topics import REGISTRY
 from worker import exceptions as exc
 from worker.config import Settings
 from worker.pipeline.crash_points import CrashPoint, CrashPoints
 from worker.pubsub.client import PubSub, PubsubMessage
-from worker.pubsub.topology import spec_for
 from worker.storage.database import create_engine, driver_connection, transaction, translate
 
 SIGKILLED = -signal.SIGKILL
@@ -315,7 +315,7 @@ async def test_a_crash_point_kills_the_worker_where_it_says(
     committed = await feedback_rows(fault_postgres, fault_database, insight)
     assert committed == (0 if point is CrashPoint.BEFORE_COMMIT else 1)
     invalidations = await fault_pubsub.pull(
-        fault_pubsub.subscription(spec_for("cache-invalidation").subscription), 10, timeout_s=2
+        fault_pubsub.subscription(REGISTRY["cache-invalidation"].subscription), 10, timeout_s=2
     )
     assert len(invalidations) == (1 if point is CrashPoint.AFTER_PUBLISH else 0)
 

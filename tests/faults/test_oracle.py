@@ -53,11 +53,11 @@ from tests.faults.workload import (
     publish,
 )
 from tests.integration.cache_fixtures import own_redis_db, wait_idle
+from tests.support.topics import RUN_TOPICS
 from worker.config import Settings
 from worker.exceptions import PermanentError, SchemaViolationError
 from worker.pipeline.decoding import decode_json_object
 from worker.pubsub.client import PubSub, PubsubMessage
-from worker.pubsub.topology import RUN_TOPICS
 from worker.read.cached import CacheService
 from worker.read.service import DatabaseService
 from worker.storage.cache import Cache, create_redis
@@ -402,7 +402,7 @@ INTEGRATION_SEED = int(os.environ.get("FAULT_ORACLE_SEED", str(SEED)))
 async def fill_cache(settings: Settings, engine: AsyncEngine, expected: Expected) -> int:
     """Read every insight, job and series through the read path: keys get filled."""
     cache = Cache(create_redis(settings))
-    reads = CacheService(cache, DatabaseService(engine))
+    reads = CacheService(cache, DatabaseService(engine, None))
     try:
         for insight in {pair[0] for pair in expected.feedback}:
             await reads.get_feedback_stats(insight)

@@ -29,9 +29,9 @@ from tests.faults.processes import Processes, WorkerProcess, worker_environment
 from tests.faults.proxy import TcpProxy
 from tests.faults.redis_server import RedisServer
 from tests.faults.scenario import Scenario
+from tests.support.topics import REGISTRY
 from worker.config import Settings
 from worker.pubsub.client import PubSub
-from worker.pubsub.topology import spec_for
 from worker.read.cached import CacheService
 from worker.read.service import DatabaseService
 from worker.storage.cache import Cache, create_redis
@@ -145,7 +145,7 @@ async def degraded_reads(settings: Settings, scenario: Scenario) -> list[float]:
     value without raising; the seconds each took."""
     engine = create_engine(settings)
     cache = Cache(create_redis(settings))
-    db = DatabaseService(engine)
+    db = DatabaseService(engine, None)
     reads = CacheService(cache, db)
     timings: list[float] = []
     try:
@@ -214,7 +214,7 @@ async def test_scenario_redis_down_for_30_s(
     # nothing in the cache-invalidation dead-letter topic.
     invalidation_letters = await pull_all(
         fault_pubsub,
-        spec_for("cache-invalidation").dead_letter_subscription,
+        REGISTRY["cache-invalidation"].dead_letter_subscription,
         timeout_s=5,
         quiet_s=2,
     )

@@ -49,6 +49,7 @@ from tests.faults.test_crashes import (
     stored_state,
     timeout_for,
 )
+from tests.support.topics import REGISTRY
 from worker.config import Settings
 from worker.pubsub import topology
 from worker.pubsub.client import PubSub, subscription_path
@@ -68,7 +69,7 @@ async def push_endpoints(settings: Settings) -> dict[str, str]:
     subscriber: Any = SubscriberAsyncClient(credentials=AnonymousCredentials())  # type: ignore[no-untyped-call]
     endpoints = {}
     try:
-        for spec in topology.TOPOLOGY:
+        for spec in REGISTRY:
             found = await subscriber.get_subscription(
                 subscription=subscription_path(settings.google_cloud_project, spec.subscription)
             )
@@ -89,9 +90,11 @@ async def test_scenario_push_server_sigkilled_and_restarted_on_its_port(
     with TcpProxy(port, observer=pushes) as front:
         # The fixture applied a pull topology: the same subscriptions become push ones.
         endpoint = f"http://127.0.0.1:{front.port}"
-        await topology.apply(fault_settings, push_endpoint=endpoint, redelivery=FAULT_REDELIVERY)
+        await topology.apply(
+            fault_settings, REGISTRY, push_endpoint=endpoint, redelivery=FAULT_REDELIVERY
+        )
         assert await push_endpoints(fault_settings) == {
-            spec.subscription: f"{endpoint}/push/{spec.topic}" for spec in topology.TOPOLOGY
+            spec.subscription: f"{endpoint}/push/{spec.name}" for spec in REGISTRY
         }
         phase1_s = phase1_for(MESSAGES, PUSH_PHASE1_S, PUSH_MAX_RATE_PER_S)
         scenario = Scenario.create(

@@ -29,7 +29,7 @@ from tests.emulator import Counters
 from worker.config import Settings
 from worker.exceptions import NotFoundError
 from worker.read.service import DatabaseService
-from worker.sources.pull_worker import Worker
+from worker.sources.pull_worker import PullWorker
 from worker.storage.cache import Cache, create_redis
 
 REDIS_HOST = "127.0.0.1"
@@ -182,7 +182,7 @@ async def check_invariant(redis: aioredis.Redis, db: DatabaseService) -> Invaria
 
 
 async def wait_idle(
-    worker: Worker, counters: Counters, *, quiet_s: float = 1.0, timeout_s: float = 60.0
+    worker: PullWorker, counters: Counters, *, quiet_s: float = 1.0, timeout_s: float = 60.0
 ) -> dict[str, dict[str, int]]:
     """Until no source holds an unsettled message and no counter moved for ``quiet_s``.
 

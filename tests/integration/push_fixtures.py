@@ -34,11 +34,13 @@ from opentelemetry.sdk.metrics.export import (
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tests.support.topics import REGISTRY
 from worker.config import Settings
-from worker.http.app import Services, create_app
+from worker.http.app import create_app
 from worker.http.limits import HeadLimits
 from worker.http.oidc import PushVerifier
 from worker.http.serve import server_config
+from worker.http.services import Services
 from worker.pipeline.batching import BatchSettings
 from worker.telemetry import create_telemetry
 
@@ -80,7 +82,7 @@ class PushServices:
     def __init__(self, settings: Settings, batch: BatchSettings | None = None) -> None:
         self.reader = InMemoryMetricReader()
         telemetry = create_telemetry(extra_readers=[self.reader])
-        self.services = Services.create(settings, batch, telemetry)
+        self.services = Services.create(settings, REGISTRY, batch, telemetry)
 
     def batches(self, topic: str) -> int:
         """How many batches of ``topic`` were applied (``worker.batch.size`` count)."""
@@ -134,7 +136,7 @@ async def app_client(
     ``fastapi_route``: pushes go to the FastAPI route that documents ``/push/{topic}``
     instead of the ASGI-level endpoint that serves it (both must answer alike).
     """
-    app = create_app(settings, services, verifier=verifier)
+    app = create_app(services or (lambda: Services.create(settings, REGISTRY)), verifier)
     if fastapi_route:
         app.push_endpoint = None
     try:

@@ -41,10 +41,10 @@ from tests.integration.cache_fixtures import (
     wait_idle,
     wait_until,
 )
+from tests.support.topics import INGEST_TOPICS, RUN_TOPICS
 from worker.config import Settings
 from worker.exceptions import NotFoundError
 from worker.pubsub.client import PubSub
-from worker.pubsub.topology import INGEST_TOPICS, RUN_TOPICS
 from worker.read.cached import CacheService
 from worker.read.service import DatabaseService
 from worker.storage.cache import Cache, create_redis, version_key
@@ -185,7 +185,7 @@ class JitteryDatabase(DatabaseService):
     """Reads that take a little longer after reading: the fill races the invalidation."""
 
     def __init__(self, db: DatabaseService, rng: random.Random) -> None:
-        super().__init__(db.engine)
+        super().__init__(db.engine, None)
         self.rng = rng
 
     async def _pause(self) -> None:
@@ -281,7 +281,7 @@ async def randomized_run(
         async with running_worker(
             rdb.settings, topics=RUN_TOPICS, telemetry=counters.telemetry
         ) as worker:
-            assert "cache-invalidation" in [p.topic for p in worker.pipelines]
+            assert "cache-invalidation" in worker.runtime.pipelines
             for n in range(READERS):
                 reader_rng = random.Random(seed * 100 + n)
                 reads = CacheService(caches[n % 2], JitteryDatabase(db, reader_rng))
@@ -343,7 +343,7 @@ class GatedDatabase(DatabaseService):
     """A stats read that, once it has read, waits for the test to let it return."""
 
     def __init__(self, db: DatabaseService) -> None:
-        super().__init__(db.engine)
+        super().__init__(db.engine, None)
         self.loaded = asyncio.Event()
         self.proceed = asyncio.Event()
 

@@ -34,12 +34,12 @@ from tests.integration.cache_fixtures import (
     stop_redis,
     wait_idle,
 )
+from tests.support.topics import RUN_TOPICS
 from worker.config import Settings
 from worker.pubsub.client import PubSub
-from worker.pubsub.topology import RUN_TOPICS
 from worker.read.cached import CacheService
 from worker.read.service import DatabaseService
-from worker.sources.pull_worker import Worker
+from worker.sources.pull_worker import PullWorker
 from worker.storage.cache import version_key
 
 pytestmark = pytest.mark.slow
@@ -132,7 +132,7 @@ async def warm_up(
     pubsub: PubSub,
     db: DatabaseService,
     reads: CacheService,
-    worker: Worker,
+    worker: PullWorker,
     counters: Counters,
     scenario: Scenario,
 ) -> dict[str, Any]:

@@ -27,9 +27,9 @@ from tests.emulator import (
     wait_for_count,
 )
 from tests.factories import T0, at, backfill_payload, feedback_payload, metric_payload
+from tests.support.topics import INGEST_TOPICS
 from worker.config import Settings
 from worker.pubsub.client import PubSub
-from worker.pubsub.topology import INGEST_TOPICS
 from worker.sources.pull import PullSettings
 
 
@@ -152,7 +152,7 @@ async def test_database_restart_mid_run_loses_nothing_and_applies_nothing_twice(
             during = counters.totals()
             assert during["committed"] == totals_first, during
             assert during["dead_lettered"] == {}, during
-            assert not any(task.done() for task in worker._tasks), "a pipeline died"
+            assert worker.runtime.pipelines_running(), "a pipeline died"
         finally:
             await pg_ctl("start")
             await wait_for(postgres_answers, bool, timeout_s=30, what="PostgreSQL back up")
@@ -171,7 +171,7 @@ async def test_database_restart_mid_run_loses_nothing_and_applies_nothing_twice(
             "SELECT id, current_block, status, error_message, progress_percentage, started_at,"
             " completed_at FROM backfill_jobs",
         )
-        assert not any(task.done() for task in worker._tasks), "a pipeline died"
+        assert worker.runtime.pipelines_running(), "a pipeline died"
         letters = await asyncio.gather(*(drain_dead_letters(pubsub, t) for t in INGEST_TOPICS))
 
     assert totals["committed"] == totals_all, totals

@@ -250,7 +250,7 @@ async def test_unreachable_database_is_a_transient_connection_error(
 ) -> None:
     broken = dataclasses.replace(settings, database_url=other_url(settings.database_url, **parts))
     engine = create_engine(broken)
-    db = DatabaseService(engine)
+    db = DatabaseService(engine, None)
     try:
         calls: list[Callable[[], Awaitable[Any]]] = [
             lambda: db.get_feedback_stats("i"),

@@ -15,11 +15,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 import handlers.metrics
 import worker.storage.migrate
 from alembic import command
-from handlers.metrics import create_partitions
+from handlers.metrics import MONTHS_AHEAD, create_partitions
 from tests.factories import sample
+from tests.support.topics import REGISTRY
 from worker.config import Settings
 from worker.read.service import DatabaseService
-from worker.storage.migrate import MONTHS_AHEAD, alembic_config, downgrade, upgrade
+from worker.storage.migrate import alembic_config, downgrade, upgrade
 
 OUR_TABLES = {"backfill_jobs", "insight_feedback", "system_metrics", "system_metric_ids"}
 
@@ -96,11 +97,11 @@ async def test_downgrade_base_then_upgrade_head(
     )
     await engine.dispose()
 
-    await upgrade(settings)
+    await upgrade(settings, REGISTRY)
     assert await tables(engine) >= OUR_TABLES
     await alembic_check(database_url)
     # The schema works again, partitions included (the service must relearn them).
-    fresh = DatabaseService(engine)
+    fresh = DatabaseService(engine, None)
     await fresh.record_metric(sample(timestamp=datetime.now(UTC)))
     assert await scalar(engine, "SELECT count(*) FROM system_metrics") == 1
 
@@ -129,7 +130,7 @@ async def test_partitions_ahead_never_skip_a_month(
     for module in (worker.storage.migrate, handlers.metrics):
         if hasattr(module, "datetime"):
             monkeypatch.setattr(module, "datetime", FrozenDatetime)
-    await worker.storage.migrate.ensure_partitions_ahead(settings)
+    await worker.storage.migrate.run_start_hooks(settings, REGISTRY)
     expected = {partition_name(y, m) for y, m in months_from(2031, month, 1 + MONTHS_AHEAD)}
     present = {p for p in await partitions(engine) if p.startswith("system_metrics_y2031")}
     assert present == expected

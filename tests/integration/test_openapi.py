@@ -24,9 +24,10 @@ from schemathesis import GenerationMode
 from schemathesis.core.result import Ok
 
 from tests.integration.push_fixtures import served
+from tests.support.topics import REGISTRY
 from worker.config import Settings
 from worker.http.app import create_app
-from worker.pubsub.topology import TOPOLOGY
+from worker.http.services import Services
 
 MAX_EXAMPLES = 30
 
@@ -54,7 +55,9 @@ ENVELOPE_SCHEMA: dict[str, Any] = {
 
 def documented_schema() -> dict[str, Any]:
     """The app's OpenAPI document, with the push envelope and the real topics added."""
-    document = copy.deepcopy(create_app(Settings(push_auth="disabled")).openapi())
+    document = copy.deepcopy(
+        create_app(lambda: Services.create(Settings(), REGISTRY), None).openapi()
+    )
     push = document["paths"]["/push/{topic}"]["post"]
     push["requestBody"] = {
         "required": True,
@@ -62,7 +65,7 @@ def documented_schema() -> dict[str, Any]:
     }
     for parameter in push["parameters"]:
         if parameter["name"] == "topic":
-            parameter["schema"] = {"type": "string", "enum": [s.topic for s in TOPOLOGY]}
+            parameter["schema"] = {"type": "string", "enum": list(REGISTRY.names())}
     return document
 
 
@@ -80,7 +83,7 @@ OPERATIONS = operations()
 @contextmanager
 def served_app(settings: Settings) -> Iterator[str]:
     """The app (push auth off) served as ``serve`` serves it; its URL."""
-    with served(create_app(settings, verifier=None)) as port:
+    with served(create_app(lambda: Services.create(settings, REGISTRY), None)) as port:
         yield f"http://127.0.0.1:{port}"
 
 

@@ -32,6 +32,7 @@ from tests.emulator import (
     wait_for_count,
 )
 from tests.factories import backfill_payload, feedback_payload, metric_payload
+from tests.support.topics import REGISTRY
 from worker.config import Settings
 from worker.pubsub import topology
 from worker.pubsub.client import PubSub
@@ -133,7 +134,7 @@ async def test_emulator_push_subscriptions_deliver_to_serve(
     port = free_port()
     async with serve(serve_env(project, PUSH_AUTH="disabled"), port) as server:
         await server.wait_healthy()
-        counts = await topology.apply(project, push_endpoint=server.url)
+        counts = await topology.apply(project, REGISTRY, push_endpoint=server.url)
         assert counts["subscriptions_created"] == 10, counts
         pubsub = PubSub(project)
         try:
@@ -166,7 +167,7 @@ async def test_emulator_push_subscriptions_deliver_to_serve(
         finally:
             await pubsub.close()
             # Back to pull subscriptions: the emulator stops pushing to a port soon closed.
-            await topology.apply(project)
+            await topology.apply(project, REGISTRY)
 
         started = time.monotonic()
         server.process.send_signal(signal.SIGTERM)

@@ -43,10 +43,12 @@ from tests.oidc_tokens import (
     sign_rs256,
     valid_authorization,
 )
+from tests.support.topics import REGISTRY
 from worker.config import Settings
 from worker.http.app import create_app
 from worker.http.limits import MAX_HEAD_BYTES, HeadLimits
 from worker.http.oidc import CertCache, CertsUnavailableError, PushVerifier
+from worker.http.services import Services
 from worker.pipeline.batching import BatchSettings
 from worker.pubsub.client import PubSub
 from worker.sources.push import MAX_PUSH_BODY_BYTES
@@ -488,7 +490,7 @@ BODY_TIMEOUT_S = 1.0
 @pytest.fixture
 def port(pubsub_settings: Settings) -> Iterator[int]:
     """The app served on a socket, push auth off, with short head and body timeouts."""
-    app = create_app(pubsub_settings, verifier=None)
+    app = create_app(lambda: Services.create(pubsub_settings, REGISTRY), None)
     assert app.push_endpoint is not None
     app.push_endpoint.body_deadlines.timeout_s = BODY_TIMEOUT_S
     with served(app, HeadLimits(head_timeout_s=HEAD_TIMEOUT_S)) as serving:

@@ -26,8 +26,10 @@ from handlers.metrics import recent_cache_key
 from schemas.backfill import BackfillJobResponse
 from tests.factories import T0, feedback, progress, sample
 from tests.integration.cache_fixtures import RedisDb, own_redis_db
+from tests.support.topics import REGISTRY
 from worker.config import Settings
-from worker.http.app import Services, create_app
+from worker.http.app import create_app
+from worker.http.services import Services
 from worker.read.service import DatabaseService
 from worker.storage.database import connection
 
@@ -46,8 +48,8 @@ class Api:
 @pytest_asyncio.fixture(loop_scope="session")
 async def api(pubsub_settings: Settings) -> AsyncIterator[Api]:
     async with own_redis_db(pubsub_settings) as rdb:
-        services = Services.create(rdb.settings)
-        app = create_app(rdb.settings, services, verifier=None)
+        services = Services.create(rdb.settings, REGISTRY)
+        app = create_app(services, None)
         try:
             async with app.router.lifespan_context(app):
                 transport = httpx.ASGITransport(app=app)
@@ -521,8 +523,8 @@ async def test_a_dead_database_is_a_503_with_a_fixed_text(
     dead = dataclasses.replace(
         pubsub_settings, database_url="postgresql+asyncpg://postgres@127.0.0.1:1/utxoiq"
     )
-    services = Services.create(dead)
-    app = create_app(dead, services, verifier=None)
+    services = Services.create(dead, REGISTRY)
+    app = create_app(services, None)
     try:
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)

@@ -18,9 +18,12 @@ from typing import Any
 from worker.config import Settings
 from worker.pubsub import topology
 from worker.pubsub.client import PubSub, PubsubMessage
+from worker.pubsub.names import dead_letter_subscription
 from worker.read.service import DatabaseService
-from worker.sources.pull_worker import RunOptions, Worker
+from worker.runtime import Runtime
+from worker.sources.pull_worker import PullWorker
 from worker.storage.migrate import upgrade
+from worker.topics import Registry
 
 SETTLE_TIMEOUT_S = 60
 
@@ -107,13 +110,15 @@ async def _publish(pubsub: PubSub, events: dict[str, list[bytes]]) -> None:
             await pubsub.publish(pubsub.topic(topic_name), [PubsubMessage(data=data)])
 
 
-async def _dead_letters(pubsub: PubSub, since: datetime, expected: int) -> list[dict[str, Any]]:
+async def _dead_letters(
+    pubsub: PubSub, topics: list[str], since: datetime, expected: int
+) -> list[dict[str, Any]]:
     """This run's dead letters (an emulator may hold older ones: they are acked, unshown)."""
     found: list[dict[str, Any]] = []
     deadline = time.monotonic() + SETTLE_TIMEOUT_S
     while len(found) < expected and time.monotonic() < deadline:
-        for spec in topology.TOPOLOGY[:3]:
-            path = pubsub.subscription(spec.dead_letter_subscription)
+        for topic in topics:
+            path = pubsub.subscription(dead_letter_subscription(topic))
             received = await pubsub.pull(path, 100, 0.5)
             if received:
                 await pubsub.acknowledge(path, [r.ack_id for r in received])
@@ -139,24 +144,21 @@ async def _wait_until(check: Any) -> None:
         await asyncio.sleep(0.1)
 
 
-async def run_demo(settings: Settings) -> int:
-    await upgrade(settings)
-    counts = await topology.apply(settings)
+async def run_demo(settings: Settings, registry: Registry) -> int:
+    await upgrade(settings, registry)
+    counts = await topology.apply(settings, registry)
     print(f"topology: {counts}")
     run = uuid.uuid4().hex[:6]
     now = datetime.now(UTC).replace(microsecond=0)
     started = datetime.now(UTC) - timedelta(seconds=5)  # publish times are the server's
-    worker = Worker(
-        settings,
-        RunOptions(),
-    )
-    worker.start()
-    pubsub = PubSub(settings)
-    db = DatabaseService(worker.engine)
+    runtime = Runtime(settings, registry)
+    worker = PullWorker(runtime, registry.pulled_by_default())
+    await worker.start()
+    db = DatabaseService(runtime.engine, runtime.invalidations)
     try:
         events = _sample_events(run, now)
-        await _publish(pubsub, events)
-        dead = await _dead_letters(pubsub, started, expected=5)
+        await _publish(runtime.pubsub, events)
+        dead = await _dead_letters(runtime.pubsub, list(events), started, expected=5)
         job_id = uuid.UUID(json.loads(events["backfill-progress"][0])["job_id"])
 
         async def all_stored() -> bool:
@@ -164,21 +166,27 @@ async def run_demo(settings: Settings) -> int:
             return len(rows) == 3
 
         await _wait_until(all_stored)
-        _show(
-            "backfill job (3 events, one duplicate, out of order)",
-            await db.get_backfill_job(job_id),
-        )
-        _show(
-            "feedback rows (last writer by occurred_at wins)",
-            await db.list_feedback(insight_id=f"insight_{run}"),
-        )
-        _show("feedback stats", await db.get_feedback_stats(f"insight_{run}"))
-        _show(
-            "metrics (4 samples published, 3 distinct)",
-            await db.get_metrics(f"web-api-{run}", "cpu"),
-        )
-        _show("dead letters", dead)
+        await _show_stored(db, run, job_id, dead)
     finally:
-        await pubsub.close()
         await worker.stop()
+        await runtime.close()
     return 0
+
+
+async def _show_stored(
+    db: DatabaseService, run: str, job_id: uuid.UUID, dead: list[dict[str, Any]]
+) -> None:
+    _show(
+        "backfill job (3 events, one duplicate, out of order)",
+        await db.get_backfill_job(job_id),
+    )
+    _show(
+        "feedback rows (last writer by occurred_at wins)",
+        await db.list_feedback(insight_id=f"insight_{run}"),
+    )
+    _show("feedback stats", await db.get_feedback_stats(f"insight_{run}"))
+    _show(
+        "metrics (4 samples published, 3 distinct)",
+        await db.get_metrics(f"web-api-{run}", "cpu"),
+    )
+    _show("dead letters", dead)

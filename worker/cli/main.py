@@ -7,15 +7,16 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
+from handlers import registry
 from worker import logs
 from worker.config import Settings
 from worker.exceptions import WorkerError
 from worker.pipeline.batching import BatchSettings
-from worker.pubsub.topology import RUN_TOPICS
 from worker.sources.pull import PullSettings
+from worker.topics import Registry
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -60,7 +61,6 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--only",
         action="append",
-        choices=RUN_TOPICS,
         metavar="TOPIC",
         default=_env_list("WORKER_TOPICS"),
         help="consume only this topic (repeatable; env WORKER_TOPICS, comma list)",
@@ -99,53 +99,74 @@ def _env_list(name: str) -> list[str] | None:
     return values or None
 
 
-async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
-    if args.command == "migrate":
-        from worker.storage.migrate import upgrade
+Command = Callable[[argparse.Namespace, Settings, Registry], Coroutine[Any, Any, int]]
 
-        await upgrade(settings, args.revision)
-        return 0
-    if args.command == "downgrade":
-        from worker.storage.migrate import downgrade
 
-        await downgrade(settings, args.revision)
-        return 0
-    if args.command == "demo":
-        from worker.cli.demo import run_demo
+async def _migrate(args: argparse.Namespace, settings: Settings, registry: Registry) -> int:
+    from worker.storage.migrate import upgrade
 
-        return await run_demo(settings)
-    if args.command == "topology":
-        from worker.pubsub import topology
+    await upgrade(settings, registry, args.revision)
+    return 0
 
-        if args.action == "render":
-            sys.stdout.write(topology.render_json(args.push_endpoint))
-        else:
-            counts = await topology.apply(settings, args.push_endpoint)
-            print(" ".join(f"{k}={v}" for k, v in counts.items()))
-        return 0
-    if args.command == "serve":
-        from worker.http.serve import serve
 
-        return await serve(settings, args.host)
-    if args.command == "run":
-        from worker.sources.pull_worker import RunOptions, run_worker
+async def _downgrade(args: argparse.Namespace, settings: Settings, registry: Registry) -> int:
+    from worker.storage.migrate import downgrade
 
-        options = RunOptions(
-            topics=tuple(args.only or RUN_TOPICS),
-            batch=BatchSettings(
-                max_batch_size=args.max_batch_size,
-                max_batch_bytes=args.max_batch_bytes,
-                max_batch_delay_ms=args.max_batch_delay_ms,
-                max_concurrent_flushes=args.max_concurrent_flushes,
-            ),
-            pull=PullSettings(
-                pullers=args.pullers,
-                max_outstanding_messages=args.max_outstanding_messages,
-                max_outstanding_bytes=args.max_outstanding_bytes,
-            ),
-        )
-        return await run_worker(settings, options)
-    raise AssertionError(f"unknown command {args.command}")
+    await downgrade(settings, args.revision)
+    return 0
+
+
+async def _demo(args: argparse.Namespace, settings: Settings, registry: Registry) -> int:
+    from worker.cli.demo import run_demo
+
+    return await run_demo(settings, registry)
+
+
+async def _topology(args: argparse.Namespace, settings: Settings, registry: Registry) -> int:
+    from worker.pubsub import topology
+
+    if args.action == "render":
+        sys.stdout.write(topology.render_json(registry, args.push_endpoint))
+    else:
+        counts = await topology.apply(settings, registry, args.push_endpoint)
+        print(" ".join(f"{k}={v}" for k, v in counts.items()))
+    return 0
+
+
+async def _serve(args: argparse.Namespace, settings: Settings, registry: Registry) -> int:
+    from worker.http.serve import serve
+
+    return await serve(settings, registry, args.host)
+
+
+async def _run(args: argparse.Namespace, settings: Settings, registry: Registry) -> int:
+    from worker.sources.pull_worker import run_worker
+
+    for name in args.only or ():
+        registry[name]  # an unknown topic is refused before anything starts
+    batch = BatchSettings(
+        max_batch_size=args.max_batch_size,
+        max_batch_bytes=args.max_batch_bytes,
+        max_batch_delay_ms=args.max_batch_delay_ms,
+        max_concurrent_flushes=args.max_concurrent_flushes,
+    )
+    pull = PullSettings(
+        pullers=args.pullers,
+        max_outstanding_messages=args.max_outstanding_messages,
+        max_outstanding_bytes=args.max_outstanding_bytes,
+    )
+    topics = tuple(args.only or registry.pulled_by_default())
+    return await run_worker(settings, registry, topics, batch, pull)
+
+
+COMMANDS: dict[str, Command] = {
+    "migrate": _migrate,
+    "downgrade": _downgrade,
+    "demo": _demo,
+    "topology": _topology,
+    "serve": _serve,
+    "run": _run,
+}
 
 
 def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -164,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_env()
         # uvloop: a faster event loop for every command (gRPC's asyncio client and
         # asyncpg both run on it); plain asyncio where it is not installed.
-        return run_async(_dispatch(args, settings))
+        return run_async(COMMANDS[args.command](args, settings, registry()))
     except WorkerError as error:
         log.error(str(error), extra={"error": type(error).__name__})
         return 1

@@ -12,10 +12,12 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from worker.config import Settings
-from worker.http.app import create_app
+from worker.http.app import create_app, push_verifier
 from worker.http.limits import HeadLimits
+from worker.http.services import Services
 from worker.pipeline.crash_points import CrashPoints
-from worker.sources.pull_worker import tune_garbage_collector
+from worker.runtime import tune_garbage_collector
+from worker.topics import Registry
 
 GRACEFUL_SHUTDOWN_S = 8
 
@@ -37,10 +39,14 @@ def server_config(
     )
 
 
-async def serve(settings: Settings, host: str = "0.0.0.0") -> int:
+async def serve(settings: Settings, registry: Registry, host: str = "0.0.0.0") -> int:
     """Serve until SIGTERM; refuses to start with PUSH_AUTH=required and no audience."""
     # WORKER_CRASH_AT is read once, here (tests only; unset in production).
-    app = create_app(settings, crash_points=CrashPoints.from_env())
+    crash_points = CrashPoints.from_env()
+    app = create_app(
+        lambda: Services.create(settings, registry, crash_points=crash_points),
+        push_verifier(settings),
+    )
     server = uvicorn.Server(server_config(app, settings.port, host))
     tune_garbage_collector()
     # Once shut down, uvicorn raises the signal that stopped it again, for the handler

@@ -9,7 +9,7 @@ from typing import Any
 from worker.exceptions import PermanentError
 from worker.pipeline.delivery import Delivery
 from worker.pubsub.client import PubSub, PubsubMessage
-from worker.pubsub.topology import spec_for
+from worker.pubsub.names import dead_letter_topic
 
 MAX_DETAIL_BYTES = 1024
 MAX_PER_REQUEST = 1000
@@ -63,7 +63,7 @@ class DeadLetterPublisher:
             )
             for delivery, error in entries
         ]
-        target = self.pubsub.topic(spec_for(topic).dead_letter_topic)
+        target = self.pubsub.topic(dead_letter_topic(topic))
         for chunk in _requests(messages):
             await self.pubsub.publish(target, chunk)
 

@@ -21,6 +21,7 @@ from google.pubsub_v1.types import DeadLetterPolicy, PushConfig, RetryPolicy, Su
 
 from worker.config import Settings
 from worker.pubsub.client import subscription_path, topic_path
+from worker.topics import Registry
 
 log = logging.getLogger(__name__)
 
@@ -61,49 +62,17 @@ class Redelivery:
 CONTRACT_REDELIVERY = Redelivery()
 
 
-@dataclass(frozen=True)
-class TopicSpec:
-    topic: str
-    subscription: str
-
-    @property
-    def dead_letter_topic(self) -> str:
-        return f"{self.topic}-dead-letter"
-
-    @property
-    def dead_letter_subscription(self) -> str:
-        return f"{self.topic}-dead-letter-sub"
-
-
-INGEST_TOPICS = ("backfill-progress", "feedback", "metrics")
-# What `utxoiq-worker run` consumes by default: ingestion and the Redis updater.
-RUN_TOPICS = (*INGEST_TOPICS, "cache-invalidation")
-TOPOLOGY: tuple[TopicSpec, ...] = (
-    TopicSpec("backfill-progress", "backfill-progress-worker"),
-    TopicSpec("feedback", "feedback-worker"),
-    TopicSpec("metrics", "metrics-worker"),
-    TopicSpec("cache-invalidation", "cache-invalidation-redis-updater"),
-    TopicSpec("maintenance", "maintenance-worker"),
-)
-BY_TOPIC = {spec.topic: spec for spec in TOPOLOGY}
-
-
-def spec_for(topic: str) -> TopicSpec:
-    try:
-        return BY_TOPIC[topic]
-    except KeyError:
-        raise ValueError(f"unknown topic {topic!r}; known: {', '.join(BY_TOPIC)}") from None
-
-
 def render(
-    push_endpoint: str | None = None, redelivery: Redelivery = CONTRACT_REDELIVERY
+    registry: Registry,
+    push_endpoint: str | None = None,
+    redelivery: Redelivery = CONTRACT_REDELIVERY,
 ) -> dict[str, Any]:
-    """The topology as plain data (what ``deploy/`` describes)."""
+    """The topology of ``registry``'s topics as plain data (what ``deploy/`` describes)."""
     subscriptions = []
-    for spec in TOPOLOGY:
+    for spec in registry:
         entry: dict[str, Any] = {
             "name": spec.subscription,
-            "topic": spec.topic,
+            "topic": spec.name,
             "ack_deadline_seconds": redelivery.ack_deadline_s,
             "retry_policy": {
                 "minimum_backoff": f"{redelivery.min_retry_backoff_s}s",
@@ -116,7 +85,7 @@ def render(
         }
         if push_endpoint:
             entry["push_config"] = {
-                "push_endpoint": f"{push_endpoint.rstrip('/')}/push/{spec.topic}"
+                "push_endpoint": f"{push_endpoint.rstrip('/')}/push/{spec.name}"
             }
         subscriptions.append(entry)
         subscriptions.append(
@@ -127,12 +96,12 @@ def render(
                 "message_retention_duration": f"{DEAD_LETTER_RETENTION_S}s",
             }
         )
-    topics = [name for spec in TOPOLOGY for name in (spec.topic, spec.dead_letter_topic)]
+    topics = [name for spec in registry for name in (spec.name, spec.dead_letter_topic)]
     return {"topics": topics, "subscriptions": subscriptions}
 
 
-def render_json(push_endpoint: str | None = None) -> str:
-    return json.dumps(render(push_endpoint), indent=2) + "\n"
+def render_json(registry: Registry, push_endpoint: str | None = None) -> str:
+    return json.dumps(render(registry, push_endpoint), indent=2) + "\n"
 
 
 def _clients(settings: Settings) -> tuple[PublisherAsyncClient, SubscriberAsyncClient]:
@@ -188,6 +157,7 @@ _OPTIONAL_FIELDS = ("retry_policy", "dead_letter_policy", "message_retention_dur
 
 async def apply(
     settings: Settings,
+    registry: Registry,
     push_endpoint: str | None = None,
     redelivery: Redelivery = CONTRACT_REDELIVERY,
 ) -> dict[str, int]:
@@ -197,7 +167,7 @@ async def apply(
     """
     publisher, subscriber = _clients(settings)
     project = settings.google_cloud_project
-    plan = render(push_endpoint, redelivery)
+    plan = render(registry, push_endpoint, redelivery)
     counts = {"topics_created": 0, "subscriptions_created": 0, "subscriptions_updated": 0}
     account = settings.push_service_accounts[0] if settings.push_service_accounts else None
     for name in plan["topics"]:
@@ -223,7 +193,7 @@ async def apply(
     return counts
 
 
-async def delete(settings: Settings) -> None:
+async def delete(settings: Settings, registry: Registry) -> None:
     """Delete every subscription and topic of the topology in ``settings``' project.
 
     For throwaway projects (tests, benchmarks on the emulator): an emulator keeps
@@ -231,7 +201,7 @@ async def delete(settings: Settings) -> None:
     """
     publisher, subscriber = _clients(settings)
     project = settings.google_cloud_project
-    plan = render()
+    plan = render(registry)
     for entry in plan["subscriptions"]:
         with contextlib.suppress(api_exceptions.NotFound):
             await subscriber.delete_subscription(

@@ -21,6 +21,7 @@ from schemas.backfill import BackfillJobResponse, BackfillProgressEvent, Backfil
 from schemas.feedback import FeedbackEvent, FeedbackRecord, FeedbackStats
 from schemas.metrics import MetricAggregate, MetricPoint, MetricRecord, MetricSample
 from worker.exceptions import NotFoundError, SchemaViolationError, ValidationError
+from worker.pipeline.batching import AfterCommit
 from worker.pipeline.handler import BatchOutcome
 from worker.storage.database import connection
 
@@ -46,17 +47,28 @@ def _validated(model: type[M], values: dict[str, Any]) -> M:
 class DatabaseService:
     """Async data access on one engine (one pool), errors from ``worker.exceptions``."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, invalidate: AfterCommit | None) -> None:
+        """``invalidate`` publishes the cache keys a write touched, after its commit, as
+        the pipelines do (None only where no cache is in play: schema tests)."""
         self.engine = engine
+        self.invalidate = invalidate
         # The writes are the worker's own: the same handlers, the same statements.
         self._backfill = backfill.BackfillHandler()
         self._feedback = feedback.FeedbackHandler()
         self._metrics = metrics.MetricsHandler()
 
+    async def _committed(self, topic: str, outcome: BatchOutcome) -> BatchOutcome:
+        """Publish the invalidations of a committed write: a cached value never
+        outlives a write made here (raises ``PubSubError`` if they cannot go)."""
+        if outcome.cache_keys and self.invalidate is not None:
+            await self.invalidate(topic, outcome.cache_keys)
+        return outcome
+
     # -- backfill jobs ---------------------------------------------------------------
 
     async def apply_backfill_events(self, events: Sequence[BackfillProgressEvent]) -> BatchOutcome:
-        return await self._backfill.apply(self.engine, events)
+        outcome = await self._backfill.apply(self.engine, events)
+        return await self._committed(self._backfill.topic, outcome)
 
     async def create_backfill_job(
         self,
@@ -143,7 +155,8 @@ class DatabaseService:
     # -- feedback --------------------------------------------------------------------
 
     async def apply_feedback_events(self, events: Sequence[FeedbackEvent]) -> BatchOutcome:
-        return await self._feedback.apply(self.engine, events)
+        outcome = await self._feedback.apply(self.engine, events)
+        return await self._committed(self._feedback.topic, outcome)
 
     async def create_feedback(self, event: FeedbackEvent) -> FeedbackRecord:
         """Upsert one feedback event; returns the row as stored (which may be newer)."""
@@ -175,7 +188,8 @@ class DatabaseService:
     async def apply_metric_messages(
         self, messages: Sequence[metrics.MetricsMessage]
     ) -> BatchOutcome:
-        return await self._metrics.apply(self.engine, messages)
+        outcome = await self._metrics.apply(self.engine, messages)
+        return await self._committed(self._metrics.topic, outcome)
 
     async def record_metric(self, sample: MetricSample) -> uuid.UUID:
         """Store one sample (once, however often called); returns its identity."""

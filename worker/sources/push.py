@@ -18,12 +18,8 @@ from typing import Any
 import orjson
 
 from worker.exceptions import InvalidEncodingError, PermanentError, SchemaViolationError
-from worker.pipeline.batching import AfterCommit, BatchSettings, TopicPipeline
-from worker.pipeline.crash_points import CrashPoints
-from worker.pipeline.dead_letters import DeadLetterPublisher
 from worker.pipeline.delivery import Delivery
-from worker.pipeline.handler import Handler
-from worker.telemetry import Telemetry
+from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -121,47 +117,28 @@ def parse_envelope(body: bytes) -> Delivery:
 
 
 class PushIngest:
-    """One pipeline per handled topic, fed by push requests."""
+    """Push requests into the runtime's pipelines, one per registered topic."""
 
-    def __init__(
-        self,
-        handlers: dict[str, Handler[Any]],
-        engine: Any,
-        dead_letters: DeadLetterPublisher,
-        telemetry: Telemetry,
-        after_commit: AfterCommit,
-        settings: BatchSettings | None = None,
-        crash_points: CrashPoints | None = None,
-    ) -> None:
-        self.pipelines = {
-            topic: TopicPipeline(
-                handler,
-                engine,
-                dead_letters,
-                telemetry,
-                settings or BatchSettings(),
-                after_commit=after_commit,
-                crash_points=crash_points,
-            )
-            for topic, handler in handlers.items()
-        }
-        self._tasks: list[asyncio.Task[None]] = []
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        """Run every topic's start-up hook and start its pipeline."""
+        names = self.runtime.registry.names()
+        await self.runtime.prepare(names)
+        for name in names:
+            self.runtime.pipeline(name)
         # Kept: asyncio.get_running_loop() makes a getpid() system call each time,
         # once per request otherwise.
         self._loop = asyncio.get_running_loop()
-        self._tasks = [asyncio.create_task(p.run()) for p in self.pipelines.values()]
 
     async def stop(self) -> None:
-        await asyncio.gather(*(p.drain() for p in self.pipelines.values()))
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Commit what the pipelines hold (requests in flight were answered)."""
+        await self.runtime.drain()
 
     def handles(self, topic: str) -> bool:
-        return topic in self.pipelines
+        return topic in self.runtime.registry
 
     async def deliver(self, topic: str, delivery: Delivery) -> bool:
         """True once committed or dead-lettered; False when nacked (transient)."""
@@ -169,5 +146,5 @@ class PushIngest:
             raise RuntimeError("PushIngest.start() was not called")
         future: asyncio.Future[bool] = self._loop.create_future()
         delivery.token = future
-        self.pipelines[topic].submit(delivery)
+        self.runtime.pipeline(topic).submit(delivery)
         return await future

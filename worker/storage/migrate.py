@@ -9,14 +9,13 @@ from pathlib import Path
 from alembic.config import Config
 
 from alembic import command
-from handlers.metrics import ensure_months_ahead
 from worker.config import Settings
 from worker.storage.database import create_database_if_missing, create_engine
+from worker.topics import Registry
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-MONTHS_AHEAD = 3
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def alembic_config(database_url: str) -> Config:
@@ -26,11 +25,12 @@ def alembic_config(database_url: str) -> Config:
     return config
 
 
-async def upgrade(settings: Settings, revision: str = "head") -> None:
+async def upgrade(settings: Settings, registry: Registry, revision: str = "head") -> None:
+    """Create the database if missing, upgrade it, run every topic's start-up hook."""
     created = await create_database_if_missing(settings.database_url)
     # Alembic's env.py runs its own event loop: give it a thread of its own.
     await asyncio.to_thread(command.upgrade, alembic_config(settings.database_url), revision)
-    await ensure_partitions_ahead(settings)
+    await run_start_hooks(settings, registry)
     log.info("database migrated", extra={"revision": revision, "database_created": created})
 
 
@@ -39,10 +39,12 @@ async def downgrade(settings: Settings, revision: str) -> None:
     log.info("database downgraded", extra={"revision": revision})
 
 
-async def ensure_partitions_ahead(settings: Settings, months: int = MONTHS_AHEAD) -> None:
-    """Create the metric partitions of this month and the next ``months``."""
+async def run_start_hooks(settings: Settings, registry: Registry) -> None:
+    """Every topic's start-up hook (metric partitions ahead, say), on a small pool."""
     engine = create_engine(settings, pool_size=1, max_overflow=0)
     try:
-        await ensure_months_ahead(engine, months)
+        for topic in registry:
+            if topic.on_start is not None:
+                await topic.on_start(engine)
     finally:
         await engine.dispose()
