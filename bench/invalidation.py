@@ -42,7 +42,7 @@ from redis.exceptions import RedisError
 
 from bench.common import asyncpg_dsn, fresh_database, report
 from bench.stack import bench_settings, fresh_topology, start_worker, stop_process
-from handlers.feedback import stats_cache_key
+from schemas.cache_keys import stats_cache_key
 from worker.exceptions import WorkerError
 from worker.pubsub.client import PubSub, PubsubMessage
 from worker.read.cached import CacheService

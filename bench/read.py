@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from bench.common import fresh_database, report
-from handlers.feedback import stats_cache_key
+from schemas.cache_keys import stats_cache_key
 from schemas.feedback import FLAG_TYPES, FeedbackEvent, FeedbackStats
 from worker.config import Settings
 from worker.read.cached import CacheService

@@ -18,7 +18,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import registry
 
 from bench.common import asyncpg_dsn, fresh_database, median_rate, report
-from handlers.metrics import create_partitions, sample_identity, samples_message
+from handlers.metric_identity import sample_identity
+from handlers.metric_partitions import create_partitions
+from handlers.metrics import samples_message
 from schemas.feedback import FeedbackEvent
 from schemas.metrics import MetricSample
 from worker.read.service import DatabaseService

@@ -26,24 +26,18 @@ from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from handlers.events import event_key, refuse_expired, validate
-from schemas.backfill import BackfillJobResponse, BackfillProgressEvent, BackfillStatus
+from schemas.backfill import BackfillProgressEvent, BackfillStatus
+from schemas.cache_keys import job_cache_key
 from worker.exceptions import ConflictError
 from worker.pipeline.handler import BatchOutcome
 from worker.storage.database import driver_connection, transaction
-from worker.storage.tables import backfill_jobs
 from worker.topics import Topic
 
-JOB_TTL_S = 300
 DEFAULT_RETENTION_DAYS = 180
 """BACKFILL_RETENTION_DAYS's default (CONTRACT.md)."""
-
-
-def job_cache_key(job_id: UUID | str) -> str:
-    return f"backfill:job:{job_id}"
 
 
 @dataclass(frozen=True)
@@ -191,16 +185,19 @@ def _rounds(
     return rounds
 
 
+CONFLICTING_JOBS_SQL = """
+SELECT id, job_type, start_block, end_block FROM backfill_jobs WHERE id = ANY($1::uuid[])
+"""
+
+
 async def _describe_conflicts(conn: AsyncConnection, job_ids: set[UUID]) -> dict[UUID, str]:
-    c = backfill_jobs.c
-    rows = await conn.execute(
-        select(c.id, c.job_type, c.start_block, c.end_block).where(c.id.in_(job_ids))
-    )
+    driver = await driver_connection(conn)
+    rows = await driver.fetch(CONFLICTING_JOBS_SQL, list(job_ids))
     return {
-        r.id: (
-            f"job_type/start_block/end_block disagree with stored job {r.id} "
-            f"(stored job_type={r.job_type!r}, start_block={r.start_block}, "
-            f"end_block={r.end_block})"
+        r["id"]: (
+            f"job_type/start_block/end_block disagree with stored job {r['id']} "
+            f"(stored job_type={r['job_type']!r}, start_block={r['start_block']}, "
+            f"end_block={r['end_block']})"
         )
         for r in rows
     }
@@ -255,50 +252,6 @@ async def _upsert(conn: AsyncConnection, rows: Sequence[_Row]) -> set[UUID]:
         [r.completing_event_key for r in rows],
     )
     return {rec["id"] for rec in records}
-
-
-_RESPONSE_COLUMNS = (
-    backfill_jobs.c.id.label("job_id"),
-    backfill_jobs.c.job_type,
-    backfill_jobs.c.start_block,
-    backfill_jobs.c.end_block,
-    backfill_jobs.c.current_block,
-    backfill_jobs.c.status,
-    backfill_jobs.c.progress_percentage,
-    backfill_jobs.c.estimated_completion,
-    backfill_jobs.c.error_message,
-    backfill_jobs.c.started_at,
-    backfill_jobs.c.completed_at,
-    backfill_jobs.c.created_by,
-)
-
-
-async def get_job(conn: AsyncConnection, job_id: UUID) -> BackfillJobResponse | None:
-    row = (
-        await conn.execute(select(*_RESPONSE_COLUMNS).where(backfill_jobs.c.id == job_id))
-    ).one_or_none()
-    return None if row is None else BackfillJobResponse.model_validate(dict(row._mapping))
-
-
-async def list_jobs(
-    conn: AsyncConnection,
-    *,
-    status: BackfillStatus | None = None,
-    job_type: str | None = None,
-    limit: int = 50,
-) -> list[BackfillJobResponse]:
-    """Jobs, most recently started first."""
-    query = (
-        select(*_RESPONSE_COLUMNS)
-        .order_by(backfill_jobs.c.started_at.desc(), backfill_jobs.c.id)
-        .limit(limit)
-    )
-    if status is not None:
-        query = query.where(backfill_jobs.c.status == status)
-    if job_type is not None:
-        query = query.where(backfill_jobs.c.job_type == job_type)
-    rows = await conn.execute(query)
-    return [BackfillJobResponse.model_validate(dict(r._mapping)) for r in rows]
 
 
 class BackfillHandler:

@@ -13,23 +13,17 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, bindparam, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from handlers.events import event_key, refuse_expired, validate
-from schemas.feedback import FLAG_TYPES, FeedbackEvent, FeedbackRecord, FeedbackStats
+from schemas.cache_keys import stats_cache_key
+from schemas.feedback import FeedbackEvent
 from worker.pipeline.handler import BatchOutcome
 from worker.storage.database import driver_connection, transaction
-from worker.storage.tables import insight_feedback
 from worker.topics import Topic
 
-STATS_TTL_S = 3600
 DEFAULT_RETENTION_DAYS = 730
 """FEEDBACK_RETENTION_DAYS's default (CONTRACT.md)."""
-
-
-def stats_cache_key(insight_id: str) -> str:
-    return f"feedback:stats:{insight_id}"
 
 
 @dataclass(frozen=True)
@@ -103,74 +97,6 @@ async def write(conn: AsyncConnection, events: Sequence[FeedbackEvent]) -> Batch
         [r.winner_key for r in rows],
     )
     return BatchOutcome(cache_keys=frozenset(stats_cache_key(r.winner.insight_id) for r in rows))
-
-
-def _stats_statement() -> Select[*tuple[Any, ...]]:
-    fb = insight_feedback.c
-    return select(
-        func.count(fb.rating).label("total_ratings"),
-        func.coalesce(func.avg(fb.rating), 0).label("average_rating"),
-        func.count().filter(func.length(fb.comment) > 0).label("total_comments"),
-        func.count(fb.flag_type).label("total_flags"),
-        *(func.count().filter(fb.rating == n).label(f"r{n}") for n in range(1, 6)),
-        *(func.count().filter(fb.flag_type == f).label(f"f_{f}") for f in FLAG_TYPES),
-    ).where(fb.insight_id == bindparam("insight_id"))
-
-
-# Built once: every cache miss runs it, and building a 13-column select (and its
-# cache key) costs more CPU than the query's round trip.
-_STATS = _stats_statement()
-
-
-async def stats(conn: AsyncConnection, insight_id: str) -> FeedbackStats:
-    """``FeedbackStats`` of one insight in one aggregate query (zeros when none)."""
-    row = (await conn.execute(_STATS, {"insight_id": insight_id})).one()._mapping
-    return FeedbackStats(
-        insight_id=insight_id,
-        total_ratings=row["total_ratings"],
-        average_rating=round(float(row["average_rating"]), 4),
-        rating_distribution={n: row[f"r{n}"] for n in range(1, 6)},
-        total_comments=row["total_comments"],
-        total_flags=row["total_flags"],
-        flag_types={f: row[f"f_{f}"] for f in FLAG_TYPES if row[f"f_{f}"]},
-    )
-
-
-async def list_feedback(
-    conn: AsyncConnection,
-    *,
-    insight_id: str | None = None,
-    user_id: str | None = None,
-    start: datetime | None = None,
-    end: datetime | None = None,
-    limit: int = 100,
-) -> list[FeedbackRecord]:
-    """Feedback rows, newest first; ``start``/``end`` bound ``updated_at`` (end excluded)."""
-    fb = insight_feedback.c
-    query = (
-        select(
-            fb.insight_id,
-            fb.user_id,
-            fb.rating,
-            fb.comment,
-            fb.flag_type,
-            fb.flag_reason,
-            fb.created_at,
-            fb.updated_at,
-        )
-        .order_by(fb.updated_at.desc(), fb.insight_id, fb.user_id)
-        .limit(limit)
-    )
-    if insight_id is not None:
-        query = query.where(fb.insight_id == insight_id)
-    if user_id is not None:
-        query = query.where(fb.user_id == user_id)
-    if start is not None:
-        query = query.where(fb.updated_at >= start)
-    if end is not None:
-        query = query.where(fb.updated_at < end)
-    result = await conn.execute(query)
-    return [FeedbackRecord.model_validate(dict(r._mapping)) for r in result]
 
 
 class FeedbackHandler:

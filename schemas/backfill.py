@@ -7,9 +7,13 @@ from decimal import Decimal
 from typing import Annotated, Literal
 from uuid import UUID
 
-from pydantic import Field, StrictInt, model_validator
+from pydantic import Field, PlainSerializer, StrictInt, model_validator
 
 from schemas.common import Payload, Response, StorableText, Timestamp
+
+Percentage = Annotated[Decimal, PlainSerializer(float, return_type=float, when_used="json")]
+"""Exact in Python (``numeric(5,2)``), a JSON number on the wire: a client expects
+``50.0``, not the string ``"50.00"`` pydantic writes for a Decimal."""
 
 MAX_BLOCK = 2_147_483_647
 
@@ -46,7 +50,7 @@ class BackfillJobResponse(Response):
     end_block: int
     current_block: int
     status: BackfillStatus
-    progress_percentage: Decimal
+    progress_percentage: Percentage
     estimated_completion: datetime | None
     error_message: str | None
     started_at: datetime

@@ -3,7 +3,9 @@
 The runtime maps every failure to one of two actions: a *permanent* error can never
 succeed, so its message is dead-lettered and acked; a *transient* error may succeed
 later, so its message is nacked and Pub/Sub redelivers it. Driver errors are
-translated into these at the storage boundary (see ``worker.storage.database.wrap_exceptions``).
+translated into these at the storage boundary (``worker.storage.database.translate``).
+A request that can never be accepted (``RequestRefusedError``) is neither: it is
+answered 4xx and never reaches a pipeline.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ class DatabaseError(WorkerError):
     """Any failure of the database layer."""
 
 
-class ConnectionError(DatabaseError):
+class DatabaseUnavailableError(DatabaseError):
     """The database is unreachable, the pool is exhausted, or a call timed out."""
 
     transient = True
@@ -79,6 +81,13 @@ class QueryError(DatabaseError):
     """
 
     transient = True
+
+
+class MissingPartitionError(QueryError):
+    """A row's month has no partition yet (old data, far data, or retention dropped it).
+
+    Transient: the writer creates the partition and writes the batch again.
+    """
 
 
 class IntegrityError(DatabaseError, PermanentError):
@@ -113,3 +122,26 @@ class PubSubError(WorkerError):
     """A Pub/Sub call failed (unavailable, deadline, quota): try again later."""
 
     transient = True
+
+
+class RequestRefusedError(WorkerError):
+    """The request can never be accepted: answered 4xx, never retried as it is.
+
+    Raised only at the HTTP edge, before a message reaches a pipeline, so no
+    ``except WorkerError`` of the pipelines or the read routes ever meets one.
+    """
+
+
+class EnvelopeError(RequestRefusedError, ValueError):
+    """400: the body is not a Pub/Sub push envelope.
+
+    Still a ``ValueError``, as it was before it joined the hierarchy.
+    """
+
+
+class AuthError(RequestRefusedError):
+    """401: no token, or a token that is not valid. The message is client-safe."""
+
+
+class ForbiddenError(RequestRefusedError):
+    """403: a valid token of an identity that may not push. The message is client-safe."""

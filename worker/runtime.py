@@ -18,6 +18,7 @@ import logging
 from collections.abc import Iterable
 
 from worker.config import Settings
+from worker.exceptions import WorkerError
 from worker.pipeline.batching import BatchSettings, TopicPipeline
 from worker.pipeline.crash_points import CrashPoints
 from worker.pipeline.dead_letters import DeadLetterPublisher
@@ -72,11 +73,28 @@ class Runtime:
     # -- topics ------------------------------------------------------------------------
 
     async def prepare(self, topics: Iterable[str]) -> None:
-        """Run the start-up hooks of ``topics`` (once each), before consuming them."""
+        """Run the start-up hooks of ``topics`` (once each), before consuming them.
+
+        A hook that fails transiently (the database is down) is logged and tried again
+        at the next ``prepare``: a process starts, and answers 503 or nacks, rather
+        than crash-looping while a dependency is away (hooks only prepare ahead what
+        the handlers would otherwise do on demand).
+        """
         for name in topics:
             topic = self.registry[name]
-            if name not in self._prepared and topic.on_start is not None:
-                await topic.on_start(self.engine)
+            if name in self._prepared:
+                continue
+            if topic.on_start is not None:
+                try:
+                    await topic.on_start(self.engine)
+                except WorkerError as error:
+                    if not error.transient:
+                        raise
+                    log.warning(
+                        "start-up hook failed, going on",
+                        extra={"topic": name, "error": str(error)[:500]},
+                    )
+                    continue
             self._prepared.add(name)
 
     def pipeline(self, name: str) -> TopicPipeline:

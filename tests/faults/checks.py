@@ -23,9 +23,7 @@ from redis import asyncio as aioredis
 from sqlalchemy import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from handlers.backfill import JOB_TTL_S
-from handlers.feedback import STATS_TTL_S
-from handlers.metrics import RECENT_TTL_S
+from schemas.cache_keys import JOB_TTL_S, RECENT_TTL_S, STATS_TTL_S
 from schemas.metrics import MetricPoint
 from tests.emulator import Received, drain_dead_letters
 from tests.faults.oracle import Expected, FeedbackRow, JobRow, Ledger, MetricRow

@@ -113,7 +113,9 @@ async def test_a_session_mid_transaction_is_terminated(
         with pytest.raises(CONNECTION_GONE):
             await writer.fetchval("SELECT 1")
         # However asyncpg reports it, the worker's boundary calls it transient.
-        assert isinstance(translate(asyncpg.InternalClientError("lost")), exc.ConnectionError)
+        assert isinstance(
+            translate(asyncpg.InternalClientError("lost")), exc.DatabaseUnavailableError
+        )
         # The idle session (no uncommitted write) was spared.
         assert await idle.fetchval("SELECT count(*) FROM t") == 0
         assert await fault_postgres.terminate_backends(fault_database) == [idle.get_server_pid()]
@@ -221,7 +223,7 @@ async def test_a_stalled_network_fails_the_batch_in_time_and_the_pool_recovers(
             assert await driver.fetchval("SHOW statement_timeout") == "2s"
         postgres_proxy.pause()
         started = time.monotonic()
-        with pytest.raises(exc.ConnectionError):  # transient: the pipeline nacks
+        with pytest.raises(exc.DatabaseUnavailableError):  # transient: the pipeline nacks
             async with transaction(engine) as conn:
                 await (await driver_connection(conn)).execute("SELECT 1")
         failed_after_s = time.monotonic() - started
@@ -230,7 +232,7 @@ async def test_a_stalled_network_fails_the_batch_in_time_and_the_pool_recovers(
         assert failed_after_s < 2.0 + 2.0 + 1.0, failed_after_s
         # While stalled, a new connection fails at the connect timeout.
         started = time.monotonic()
-        with pytest.raises(exc.ConnectionError):
+        with pytest.raises(exc.DatabaseUnavailableError):
             await backend_pid()
         assert time.monotonic() - started < 1.0 + 1.0
         postgres_proxy.resume()

@@ -24,7 +24,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from handlers.backfill import BackfillHandler
 from handlers.feedback import FeedbackHandler
-from handlers.metrics import MetricsHandler, sample_identity
+from handlers.metric_identity import sample_identity
+from handlers.metrics import MetricsHandler
 from schemas.metrics import MetricSample
 from tests.emulator import Counters, running_worker
 from tests.faults.checks import (

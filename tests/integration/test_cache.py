@@ -14,9 +14,7 @@ import pytest
 import pytest_asyncio
 
 import worker.storage.cache
-from handlers.backfill import job_cache_key
-from handlers.feedback import stats_cache_key
-from handlers.metrics import recent_cache_key
+from schemas.cache_keys import job_cache_key, recent_cache_key, stats_cache_key
 from tests.factories import feedback, sample
 from tests.integration.cache_fixtures import RedisDb, own_redis_db
 from worker.config import Settings

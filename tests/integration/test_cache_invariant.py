@@ -25,10 +25,8 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from handlers.backfill import job_cache_key
-from handlers.feedback import stats_cache_key
-from handlers.metrics import recent_cache_key
 from schemas.backfill import BackfillJobResponse
+from schemas.cache_keys import job_cache_key, recent_cache_key, stats_cache_key
 from schemas.feedback import FeedbackStats
 from schemas.metrics import MetricPoint
 from tests.emulator import Counters, publish, running_worker

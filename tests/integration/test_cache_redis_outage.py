@@ -18,9 +18,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from handlers.backfill import job_cache_key
-from handlers.feedback import stats_cache_key
-from handlers.metrics import recent_cache_key
+from schemas.cache_keys import job_cache_key, recent_cache_key, stats_cache_key
 from tests.emulator import Counters, publish, running_worker
 from tests.factories import T0
 from tests.integration.cache_fixtures import (

@@ -12,11 +12,12 @@ import pytest
 from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from handlers.metrics import sample_identity, samples_message
+from handlers.metric_identity import sample_identity
+from handlers.metrics import samples_message
 from schemas.metrics import MetricAggregate, MetricRecord, MetricSample
 from tests.factories import T0, at, sample
 from worker.config import Settings
-from worker.exceptions import ConnectionError, ValidationError
+from worker.exceptions import DatabaseUnavailableError, ValidationError
 from worker.read.service import DatabaseService
 from worker.storage.database import create_engine
 
@@ -261,7 +262,7 @@ async def test_unreachable_database_is_a_transient_connection_error(
             lambda: db.apply_backfill_events([]),
         ]
         for call in calls:
-            with pytest.raises(ConnectionError) as caught:
+            with pytest.raises(DatabaseUnavailableError) as caught:
                 await call()
             assert caught.value.transient is True
     finally:

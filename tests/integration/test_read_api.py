@@ -20,10 +20,8 @@ import pytest
 import pytest_asyncio
 from sqlalchemy import text
 
-from handlers.backfill import job_cache_key
-from handlers.feedback import stats_cache_key
-from handlers.metrics import recent_cache_key
 from schemas.backfill import BackfillJobResponse
+from schemas.cache_keys import job_cache_key, recent_cache_key, stats_cache_key
 from tests.factories import T0, feedback, progress, sample
 from tests.integration.cache_fixtures import RedisDb, own_redis_db
 from tests.support.topics import REGISTRY
@@ -192,7 +190,7 @@ async def test_backfill_job_found_through_the_cache(api: Api) -> None:
     body = response.json()
     assert body == as_json(job)
     assert body["current_block"] == 150 and body["status"] == "running"
-    assert float(body["progress_percentage"]) == 50.0
+    assert body["progress_percentage"] == 50.0  # a JSON number, not "50.00"
     cached = await api.rdb.redis.get(job_cache_key(job.job_id))
     assert cached is not None and json.loads(cached) == body
     assert 290 <= await api.rdb.redis.ttl(job_cache_key(job.job_id)) <= 300

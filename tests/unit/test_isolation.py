@@ -10,111 +10,25 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any
 
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
-
+from tests.support.fakes import Fussy, PipelineRun, counter, payloads
 from tests.unit.test_leases import FakePipeline, Received
-from worker.exceptions import PermanentError, SchemaViolationError
-from worker.pipeline.batching import BatchSettings, TopicPipeline
-from worker.pipeline.delivery import Delivery
-from worker.pipeline.handler import BatchOutcome
 from worker.sources.pull import PullSettings, PullSource
-from worker.telemetry import create_telemetry
-
-
-class Fussy:
-    """A handler whose ``parse`` and ``apply`` fail unexpectedly on chosen payloads."""
-
-    topic = "feedback"
-
-    def __init__(self) -> None:
-        self.applied: list[bytes] = []
-
-    def parse(self, payload: dict[str, Any], published_at: datetime) -> bytes:
-        if payload.get("parse") == "boom":
-            raise RecursionError("maximum recursion depth exceeded")
-        if payload.get("parse") == "refuse":
-            raise SchemaViolationError("parse: refused")
-        return str(payload.get("id")).encode()
-
-    async def apply(self, engine: Any, items: Sequence[bytes]) -> BatchOutcome:
-        await asyncio.sleep(0)
-        if b"apply-boom" in items:
-            raise OverflowError("date value out of range")
-        self.applied.extend(items)
-        return BatchOutcome()
-
-
-class Settled:
-    """Records each delivery's fate."""
-
-    def __init__(self) -> None:
-        self.acked: list[str] = []
-        self.nacked: list[str] = []
-
-    def ack(self, delivery: Delivery) -> None:
-        self.acked.append(delivery.message_id)
-
-    def nack(self, delivery: Delivery) -> None:
-        self.nacked.append(delivery.message_id)
-
-
-class DeadLetters:
-    def __init__(self) -> None:
-        self.published: list[tuple[str, str]] = []
-
-    async def publish(self, topic: str, entries: Sequence[tuple[Delivery, PermanentError]]) -> None:
-        self.published.extend((d.message_id, e.reason) for d, e in entries)
-
-
-def delivery(settled: Settled, message_id: str, data: bytes) -> Delivery:
-    return Delivery(data, {}, message_id, datetime.now(UTC), "s", settled)
-
-
-def unexpected_errors(reader: InMemoryMetricReader) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    data = reader.get_metrics_data()
-    for rm in data.resource_metrics if data else ():
-        for sm in rm.scope_metrics:
-            for metric in sm.metrics:
-                if metric.name == "worker.unexpected_errors":
-                    for point in metric.data.data_points:
-                        assert isinstance(point, NumberDataPoint)
-                        stage = str((point.attributes or {})["stage"])
-                        counts[stage] = counts.get(stage, 0) + int(point.value)
-    return counts
 
 
 async def test_unexpected_errors_nack_their_message_alone() -> None:
-    handler, settled, dead = Fussy(), Settled(), DeadLetters()
-    reader = InMemoryMetricReader()
-    pipeline = TopicPipeline(
-        handler,
-        engine=None,  # type: ignore[arg-type]
-        dead_letters=dead,  # type: ignore[arg-type]
-        telemetry=create_telemetry(extra_readers=[reader]),
-        settings=BatchSettings(max_batch_delay_ms=20, flush_when_idle=False),
-    )
-    runner = asyncio.create_task(pipeline.run())
-    messages = {f"ok-{i}": b'{"id": "ok-%d"}' % i for i in range(20)}
+    run = PipelineRun(Fussy())
+    messages = payloads(*(f"ok-{i}" for i in range(20)), "apply-boom")
     messages["parse-boom"] = b'{"parse": "boom"}'
-    messages["apply-boom"] = b'{"id": "apply-boom"}'
     messages["refused"] = b'{"parse": "refuse"}'
-    for message_id, data in messages.items():
-        pipeline.submit(delivery(settled, message_id, data))
-    for _ in range(200):
-        if len(settled.acked) + len(settled.nacked) == len(messages):
-            break
-        await asyncio.sleep(0.01)
-    runner.cancel()
+    await run.settle(messages)
 
-    assert sorted(settled.nacked) == ["apply-boom", "parse-boom"]
-    assert sorted(settled.acked) == sorted([*(f"ok-{i}" for i in range(20)), "refused"])
-    assert sorted(handler.applied) == sorted(f"ok-{i}".encode() for i in range(20))
-    assert dead.published == [("refused", "schema_violation")]
-    assert unexpected_errors(reader) == {"validate": 1, "apply": 1}
+    assert sorted(run.settled.nacked) == ["apply-boom", "parse-boom"]
+    assert sorted(run.settled.acked) == sorted([*(f"ok-{i}" for i in range(20)), "refused"])
+    assert sorted(run.handler.applied) == sorted(f"ok-{i}".encode() for i in range(20))
+    assert run.dead.published == [("refused", "schema_violation")]
+    assert counter(run.reader, "worker.unexpected_errors", "stage") == {"validate": 1, "apply": 1}
 
 
 class FlakyPipeline(FakePipeline):

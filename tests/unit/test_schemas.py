@@ -17,7 +17,8 @@ from asyncpg.pgproto import pgproto
 from pydantic import BaseModel
 
 from handlers.events import event_key, validate
-from handlers.metrics import IDENTITY_NAMESPACE, MetricsHandler, sample_identity, samples_message
+from handlers.metric_identity import IDENTITY_NAMESPACE, sample_identity
+from handlers.metrics import MetricsHandler, samples_message
 from schemas.backfill import MAX_BLOCK, BackfillProgressEvent
 from schemas.feedback import FeedbackEvent
 from schemas.metrics import MetricSample, MetricsBatch

@@ -36,24 +36,9 @@ def _show(title: str, value: Any) -> None:
         print("  " + json.dumps(data, ensure_ascii=False))
 
 
-def _sample_events(run: str, now: datetime) -> dict[str, list[bytes]]:
-    job = str(uuid.uuid4())
-    t = [(now - timedelta(minutes=m)).isoformat().replace("+00:00", "Z") for m in (30, 20, 10)]
-    progress = {
-        "job_id": job,
-        "job_type": "blocks",
-        "start_block": 800_000,
-        "end_block": 810_000,
-        "created_by": "demo",
-    }
-    backfill = [
-        {**progress, "current_block": 800_000, "status": "running", "occurred_at": t[0]},
-        {**progress, "current_block": 810_000, "status": "completed", "occurred_at": t[2]},
-        # Published last, happened in between: it neither rewinds nor reopens the job.
-        {**progress, "current_block": 805_000, "status": "running", "occurred_at": t[1]},
-    ]
-    insight = f"insight_{run}"
-    feedback = [
+def _sample_feedback(insight: str, t: list[str]) -> list[dict[str, Any]]:
+    """Three opinions of two users; user 1's later one (5 stars) wins."""
+    return [
         {
             "insight_id": insight,
             "user_id": "user_1",
@@ -71,6 +56,26 @@ def _sample_events(run: str, now: datetime) -> dict[str, list[bytes]]:
             "occurred_at": t[1],
         },
     ]
+
+
+def _sample_events(run: str, now: datetime) -> dict[str, list[bytes]]:
+    job = str(uuid.uuid4())
+    t = [(now - timedelta(minutes=m)).isoformat().replace("+00:00", "Z") for m in (30, 20, 10)]
+    progress = {
+        "job_id": job,
+        "job_type": "blocks",
+        "start_block": 800_000,
+        "end_block": 810_000,
+        "created_by": "demo",
+    }
+    backfill = [
+        {**progress, "current_block": 800_000, "status": "running", "occurred_at": t[0]},
+        {**progress, "current_block": 810_000, "status": "completed", "occurred_at": t[2]},
+        # Published last, happened in between: it neither rewinds nor reopens the job.
+        {**progress, "current_block": 805_000, "status": "running", "occurred_at": t[1]},
+    ]
+    insight = f"insight_{run}"
+    feedback = _sample_feedback(insight, t)
     metrics = [
         {
             "service_name": f"web-api-{run}",

@@ -57,7 +57,11 @@ def _parser() -> argparse.ArgumentParser:
         "--host", default=os.environ.get("HOST", "0.0.0.0"), help="bind address (env HOST)"
     )
 
-    run = commands.add_parser("run", help="the pull worker")
+    _add_run(commands.add_parser("run", help="the pull worker"))
+    return parser
+
+
+def _add_run(run: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--only",
         action="append",
@@ -90,7 +94,6 @@ def _parser() -> argparse.ArgumentParser:
             default=int(os.environ.get(env, default)),
             help=f"{text} (env {env}, default {default})",
         )
-    return parser
 
 
 def _env_list(name: str) -> list[str] | None:

@@ -20,6 +20,7 @@ from worker.http import errors, read_routes
 from worker.http.oidc import PushVerifier
 from worker.http.push_endpoint import PushEndpoint, answer, push_topic, read_capped
 from worker.http.services import Services, services, services_of
+from worker.pubsub.invalidations import INVALIDATION_TOPIC
 from worker.storage.database import connection
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ def _add_health_routes(app: FastAPI) -> None:
         checks = {
             "database": await _database_ok(runtime.engine),
             "redis": await runtime.cache.ping(),
-            "pubsub": await runtime.pubsub.reachable(),
+            "pubsub": await runtime.pubsub.reachable(INVALIDATION_TOPIC),
         }
         ready = all(checks.values())
         return JSONResponse(

@@ -32,6 +32,8 @@ from typing import Any
 from google.auth import exceptions as auth_exceptions
 from google.auth import jwt
 
+from worker.exceptions import AuthError as AuthError  # importable from here too
+from worker.exceptions import ForbiddenError as ForbiddenError
 from worker.exceptions import WorkerError
 
 log = logging.getLogger(__name__)
@@ -55,14 +57,6 @@ MAY_NOT_PUSH = "identity may not push"
 CERTS_UNAVAILABLE = "Google's certificates are unavailable"
 
 CertsFetch = Callable[[], Awaitable[tuple[Mapping[str, str], float]]]
-
-
-class AuthError(Exception):
-    """401: no token, or a token that is not valid. The message is client-safe."""
-
-
-class ForbiddenError(Exception):
-    """403: a valid token of an identity that may not push. The message is client-safe."""
 
 
 class CertsUnavailableError(WorkerError):

@@ -107,7 +107,7 @@ class PubSub:
             pub + "Publish", PublishRequest.SerializeToString, PublishResponse.FromString
         )
 
-    async def reachable(self, topic: str = "metrics", timeout_s: float = 2.0) -> bool:
+    async def reachable(self, topic: str, timeout_s: float = 2.0) -> bool:
         """Whether Pub/Sub answers (a GetTopic on one of our topics)."""
         try:
             await self._get_topic(GetTopicRequest(topic=self.topic(topic)), timeout=timeout_s)

@@ -10,10 +10,16 @@ import uuid
 
 from pydantic import TypeAdapter
 
-from handlers.backfill import JOB_TTL_S, job_cache_key
-from handlers.feedback import STATS_TTL_S, stats_cache_key
-from handlers.metrics import RECENT_TTL_S, recent_cache_key
 from schemas.backfill import BackfillJobResponse
+from schemas.cache_keys import (
+    JOB_TTL_S,
+    RECENT_LIMIT,
+    RECENT_TTL_S,
+    STATS_TTL_S,
+    job_cache_key,
+    recent_cache_key,
+    stats_cache_key,
+)
 from schemas.feedback import FeedbackStats
 from schemas.metrics import MetricPoint
 from worker.exceptions import NotFoundError
@@ -82,12 +88,12 @@ class CacheService:
     # -- metrics ---------------------------------------------------------------------
 
     async def recent_metrics(self, service_name: str, metric_type: str) -> list[MetricPoint]:
-        """The latest 100 samples of a series, newest first."""
+        """The latest ``RECENT_LIMIT`` samples of a series, newest first."""
         return _POINTS.validate_json(await self.recent_metrics_json(service_name, metric_type))
 
     async def recent_metrics_json(self, service_name: str, metric_type: str) -> str:
         async def load() -> str:
-            points = await self.db.recent_metrics(service_name, metric_type)
+            points = await self.db.recent_metrics(service_name, metric_type, RECENT_LIMIT)
             return _POINTS.dump_json(points).decode("utf-8")
 
         key = recent_cache_key(service_name, metric_type)

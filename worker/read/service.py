@@ -1,9 +1,9 @@
 """``DatabaseService``: the design document's data service layer.
 
-A facade over the per-topic modules for callers that think in operations (the read
-API, the CLI, the demo) rather than in event batches. Every write goes through the
-same batch statements the worker uses, so the effect rules of CONTRACT.md hold for
-both, and every error is one of ``worker.exceptions``.
+A facade for callers that think in operations (the read API, the CLI, the demo)
+rather than in event batches. Every write goes through the topic handlers, the same
+batch statements the worker uses, so the effect rules of CONTRACT.md hold for both;
+every read is a query of ``worker.read``; every error is one of ``worker.exceptions``.
 """
 
 from __future__ import annotations
@@ -17,12 +17,17 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from handlers import backfill, feedback, metrics
 from handlers.events import M, validate
+from handlers.metric_identity import sample_identity
 from schemas.backfill import BackfillJobResponse, BackfillProgressEvent, BackfillStatus
+from schemas.cache_keys import RECENT_LIMIT
 from schemas.feedback import FeedbackEvent, FeedbackRecord, FeedbackStats
 from schemas.metrics import MetricAggregate, MetricPoint, MetricRecord, MetricSample
 from worker.exceptions import NotFoundError, SchemaViolationError, ValidationError
 from worker.pipeline.batching import AfterCommit
 from worker.pipeline.handler import BatchOutcome
+from worker.read import backfill as backfill_reads
+from worker.read import feedback as feedback_reads
+from worker.read import metrics as metric_reads
 from worker.storage.database import connection
 
 
@@ -136,7 +141,7 @@ class DatabaseService:
 
     async def get_backfill_job(self, job_id: uuid.UUID) -> BackfillJobResponse:
         async with connection(self.engine) as conn:
-            job = await backfill.get_job(conn, job_id)
+            job = await backfill_reads.get_job(conn, job_id)
         if job is None:
             raise NotFoundError(f"backfill job {job_id} not found")
         return job
@@ -150,7 +155,9 @@ class DatabaseService:
         if not 1 <= limit <= 1000:
             raise ValidationError("limit: must be between 1 and 1000")
         async with connection(self.engine) as conn:
-            return await backfill.list_jobs(conn, status=status, job_type=job_type, limit=limit)
+            return await backfill_reads.list_jobs(
+                conn, status=status, job_type=job_type, limit=limit
+            )
 
     # -- feedback --------------------------------------------------------------------
 
@@ -166,7 +173,7 @@ class DatabaseService:
 
     async def get_feedback_stats(self, insight_id: str) -> FeedbackStats:
         async with connection(self.engine) as conn:
-            return await feedback.stats(conn, insight_id)
+            return await feedback_reads.stats(conn, insight_id)
 
     async def list_feedback(
         self,
@@ -179,7 +186,7 @@ class DatabaseService:
         if not 1 <= limit <= 1000:
             raise ValidationError("limit: must be between 1 and 1000")
         async with connection(self.engine) as conn:
-            return await feedback.list_feedback(
+            return await feedback_reads.list_feedback(
                 conn, insight_id=insight_id, user_id=user_id, start=start, end=end, limit=limit
             )
 
@@ -194,12 +201,12 @@ class DatabaseService:
     async def record_metric(self, sample: MetricSample) -> uuid.UUID:
         """Store one sample (once, however often called); returns its identity."""
         await self.record_metrics_batch([sample])
-        return metrics.sample_identity(sample)
+        return sample_identity(sample)
 
     async def record_metrics_batch(self, samples: Sequence[MetricSample]) -> list[uuid.UUID]:
         message = metrics.samples_message(samples, _now())
         await self.apply_metric_messages([message])
-        return [metrics.sample_identity(s) for s in samples]
+        return [sample_identity(s) for s in samples]
 
     async def get_metrics(
         self,
@@ -212,7 +219,7 @@ class DatabaseService:
         if not 1 <= limit <= 10_000:
             raise ValidationError("limit: must be between 1 and 10000")
         async with connection(self.engine) as conn:
-            return await metrics.get_metrics(
+            return await metric_reads.get_metrics(
                 conn,
                 service_name=service_name,
                 metric_type=metric_type,
@@ -222,10 +229,10 @@ class DatabaseService:
             )
 
     async def recent_metrics(
-        self, service_name: str, metric_type: str, limit: int = metrics.RECENT_LIMIT
+        self, service_name: str, metric_type: str, limit: int = RECENT_LIMIT
     ) -> list[MetricPoint]:
         async with connection(self.engine) as conn:
-            return await metrics.recent(conn, service_name, metric_type, limit)
+            return await metric_reads.recent(conn, service_name, metric_type, limit)
 
     async def aggregate_metrics(
         self,
@@ -236,7 +243,7 @@ class DatabaseService:
         end: datetime | None = None,
     ) -> list[MetricAggregate]:
         async with connection(self.engine) as conn:
-            return await metrics.aggregate(
+            return await metric_reads.aggregate(
                 conn,
                 service_name=service_name,
                 metric_type=metric_type,

@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from worker.exceptions import EnvelopeError as EnvelopeError  # importable from here too
 from worker.exceptions import InvalidEncodingError, PermanentError, SchemaViolationError
 from worker.pipeline.delivery import Delivery
 from worker.runtime import Runtime
@@ -24,10 +25,6 @@ from worker.runtime import Runtime
 log = logging.getLogger(__name__)
 
 MAX_PUSH_BODY_BYTES = 16 * 1024 * 1024
-
-
-class EnvelopeError(ValueError):
-    """The body is not a Pub/Sub push envelope (400)."""
 
 
 class _FutureSettler:

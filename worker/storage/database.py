@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
 import sqlalchemy.exc as sa_exc
+from asyncpg.pgproto.pgproto import UUID as _DriverUUID
 from sqlalchemy import event, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
@@ -39,6 +41,20 @@ _TRANSIENT_SQLSTATES = {
     "3D000",  # invalid_catalog_name: the database does not exist (yet), at connect
 }
 
+_CHECK_VIOLATION = "23514"
+# PostgreSQL reports a row that fits no partition as a check violation; only its text
+# ('no partition of relation "system_metrics" found for row') tells it from a broken
+# CHECK constraint, and the two call for opposite actions (retry, dead-letter).
+_NO_PARTITION = "no partition of relation"
+
+uuid_from_bytes: Callable[[bytes], uuid.UUID] = _DriverUUID
+"""A ``uuid.UUID`` from its 16 bytes, as the driver's own UUID type.
+
+That type is a ``uuid.UUID`` (equal to and hashed like one), built in C where
+``uuid.UUID(bytes=...)`` runs Python, and the driver sends it as is. The constructor
+itself, not a function around it: callers build one per metric sample.
+"""
+
 
 def create_engine(settings: Settings, **overrides: Any) -> AsyncEngine:
     """The worker's one connection pool, sized from the environment."""
@@ -46,8 +62,8 @@ def create_engine(settings: Settings, **overrides: Any) -> AsyncEngine:
         "pool_size": settings.database_pool_size,
         "max_overflow": settings.database_max_overflow,
         "pool_timeout": settings.database_pool_timeout_s,
-        # No pre-ping (three round trips per checkout: BEGIN, ping, ROLLBACK, a third
-        # of a small batch's time); _drop_closed_connections does it for free.
+        # No pre-ping: three round trips per checkout (BEGIN, ping, ROLLBACK), where a
+        # small batch makes few more; _drop_closed_connections does it for free.
         "pool_pre_ping": False,
         # Both timeouts, never infinite: the server's statement_timeout ends a statement
         # stuck in PostgreSQL (a lock wait) and frees what it holds; asyncpg's
@@ -93,11 +109,11 @@ def translate(error: BaseException) -> exc.WorkerError:
         # SQLAlchemy's asyncpg adapter wraps the driver error once more.
         original = getattr(original, "__cause__", None) or original
     if isinstance(error, sa_exc.TimeoutError):
-        return exc.ConnectionError(f"connection pool timed out: {error}")
+        return exc.DatabaseUnavailableError(f"connection pool timed out: {error}")
     sqlstate = getattr(original, "sqlstate", None)
     detail = str(original).strip() or type(original).__name__
     if isinstance(original, (OSError, asyncio.TimeoutError, TimeoutError)):
-        return exc.ConnectionError(f"database unreachable: {detail}")
+        return exc.DatabaseUnavailableError(f"database unreachable: {detail}")
     if isinstance(
         original,
         (
@@ -108,7 +124,7 @@ def translate(error: BaseException) -> exc.WorkerError:
             asyncpg.InternalClientError,
         ),
     ):
-        return exc.ConnectionError(f"database connection lost: {detail}")
+        return exc.DatabaseUnavailableError(f"database connection lost: {detail}")
     if isinstance(original, asyncpg.PostgresConnectionError) or (
         sqlstate is not None
         and (
@@ -116,13 +132,15 @@ def translate(error: BaseException) -> exc.WorkerError:
             sqlstate.startswith(("08", "28")) or sqlstate in _TRANSIENT_SQLSTATES
         )
     ):
-        return exc.ConnectionError(f"database unavailable ({sqlstate}): {detail}")
+        return exc.DatabaseUnavailableError(f"database unavailable ({sqlstate}): {detail}")
+    if sqlstate == _CHECK_VIOLATION and _NO_PARTITION in detail:
+        return exc.MissingPartitionError(f"partition missing ({sqlstate}): {detail}")
     if sqlstate is not None and sqlstate.startswith("23"):
         return exc.IntegrityError(f"constraint violated ({sqlstate}): {detail}")
     if sqlstate is not None and sqlstate.startswith("22"):
         return exc.ValidationError(f"value refused by the database ({sqlstate}): {detail}")
     if isinstance(error, (sa_exc.OperationalError, sa_exc.InterfaceError)):
-        return exc.ConnectionError(f"database unavailable: {detail}")
+        return exc.DatabaseUnavailableError(f"database unavailable: {detail}")
     return exc.QueryError(f"query failed ({sqlstate}): {detail}")
 
 
@@ -207,7 +225,7 @@ async def driver_connection(conn: AsyncConnection) -> Any:
     raw = await conn.get_raw_connection()
     driver = raw.driver_connection
     if driver is None:  # invalidated under us (a dropped connection)
-        raise exc.ConnectionError("database connection lost")
+        raise exc.DatabaseUnavailableError("database connection lost")
     if not driver.is_in_transaction():
         # SQLAlchemy's asyncpg adapter sends BEGIN lazily, with its own first
         # statement: a batch that talks only to asyncpg would otherwise run in
@@ -222,7 +240,7 @@ async def create_database_if_missing(database_url: str) -> bool:
     url = make_url(database_url)
     name = url.database
     if not name:
-        raise exc.ConnectionError("DATABASE_URL names no database")
+        raise exc.DatabaseUnavailableError("DATABASE_URL names no database")
     admin = url.set(drivername="postgresql", database="postgres").render_as_string(
         hide_password=False
     )
