@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.emulator import (
+from tests.support.emulator import (
     drain_dead_letters,
     json_log_entries,
     publish,
@@ -30,7 +30,7 @@ from tests.emulator import (
     wait_for,
     wait_for_count,
 )
-from tests.factories import T0, at, backfill_payload, feedback_payload, metric_payload
+from tests.support.factories import T0, at, backfill_payload, feedback_payload, metric_payload
 from tests.support.topics import INGEST_TOPICS, REGISTRY
 from worker.config import Settings
 from worker.pubsub import topology

@@ -25,8 +25,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from schemas.cache_keys import JOB_TTL_S, RECENT_TTL_S, STATS_TTL_S
 from schemas.metrics import MetricPoint
-from tests.emulator import Received, drain_dead_letters
 from tests.faults.oracle import Expected, FeedbackRow, JobRow, Ledger, MetricRow
+from tests.support.emulator import Received, drain_dead_letters
 from worker.exceptions import NotFoundError
 from worker.pubsub.client import PubSub
 from worker.read.service import DatabaseService

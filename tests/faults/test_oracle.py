@@ -27,7 +27,6 @@ from handlers.feedback import FeedbackHandler
 from handlers.metric_identity import sample_identity
 from handlers.metrics import MetricsHandler
 from schemas.metrics import MetricSample
-from tests.emulator import Counters, running_worker
 from tests.faults.checks import (
     check_dead_letters,
     check_redis_invariant,
@@ -53,7 +52,8 @@ from tests.faults.workload import (
     build_workload,
     publish,
 )
-from tests.integration.cache_fixtures import own_redis_db, wait_idle
+from tests.support.cache import own_redis_db, wait_idle
+from tests.support.emulator import Counters, running_worker
 from tests.support.topics import RUN_TOPICS
 from worker.config import Settings
 from worker.exceptions import PermanentError, SchemaViolationError

@@ -22,13 +22,13 @@ from typing import Any, TypeVar
 
 import pytest
 
-from tests.emulator import pull_all
 from tests.faults.checks import compare_database
 from tests.faults.postgres import PostgresCluster
 from tests.faults.processes import Processes, WorkerProcess, worker_environment
 from tests.faults.proxy import TcpProxy
 from tests.faults.redis_server import RedisServer
 from tests.faults.scenario import Scenario
+from tests.support.emulator import pull_all
 from tests.support.topics import REGISTRY
 from worker.config import Settings
 from worker.pubsub.client import PubSub

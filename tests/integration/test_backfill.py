@@ -16,7 +16,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schemas.backfill import MAX_BLOCK, BackfillJobResponse, BackfillProgressEvent
-from tests.factories import T0, at, backfill_payload, progress
+from tests.support.factories import T0, at, backfill_payload, progress
 from worker.exceptions import ConflictError, NotFoundError, ValidationError
 from worker.read.service import DatabaseService
 

@@ -15,8 +15,8 @@ import pytest_asyncio
 
 import worker.storage.cache
 from schemas.cache_keys import job_cache_key, recent_cache_key, stats_cache_key
-from tests.factories import feedback, sample
-from tests.integration.cache_fixtures import RedisDb, own_redis_db
+from tests.support.cache import RedisDb, own_redis_db
+from tests.support.factories import feedback, sample
 from worker.config import Settings
 from worker.exceptions import NotFoundError
 from worker.read.cached import CacheService

@@ -29,9 +29,7 @@ from schemas.backfill import BackfillJobResponse
 from schemas.cache_keys import job_cache_key, recent_cache_key, stats_cache_key
 from schemas.feedback import FeedbackStats
 from schemas.metrics import MetricPoint
-from tests.emulator import Counters, publish, running_worker
-from tests.factories import T0
-from tests.integration.cache_fixtures import (
+from tests.support.cache import (
     InvariantReport,
     RedisDb,
     check_invariant,
@@ -39,6 +37,8 @@ from tests.integration.cache_fixtures import (
     wait_idle,
     wait_until,
 )
+from tests.support.emulator import Counters, publish, running_worker
+from tests.support.factories import T0
 from tests.support.topics import INGEST_TOPICS, RUN_TOPICS
 from worker.config import Settings
 from worker.exceptions import NotFoundError

@@ -19,9 +19,7 @@ import pytest
 import pytest_asyncio
 
 from schemas.cache_keys import job_cache_key, recent_cache_key, stats_cache_key
-from tests.emulator import Counters, publish, running_worker
-from tests.factories import T0
-from tests.integration.cache_fixtures import (
+from tests.support.cache import (
     RedisDb,
     check_invariant,
     database_value,
@@ -32,6 +30,8 @@ from tests.integration.cache_fixtures import (
     stop_redis,
     wait_idle,
 )
+from tests.support.emulator import Counters, publish, running_worker
+from tests.support.factories import T0
 from tests.support.topics import RUN_TOPICS
 from worker.config import Settings
 from worker.pubsub.client import PubSub

@@ -18,7 +18,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.conftest import admin_dsn
-from tests.emulator import (
+from tests.support.emulator import (
     Counters,
     drain_dead_letters,
     publish,
@@ -26,7 +26,7 @@ from tests.emulator import (
     wait_for,
     wait_for_count,
 )
-from tests.factories import T0, at, backfill_payload, feedback_payload, metric_payload
+from tests.support.factories import T0, at, backfill_payload, feedback_payload, metric_payload
 from tests.support.topics import INGEST_TOPICS
 from worker.config import Settings
 from worker.pubsub.client import PubSub

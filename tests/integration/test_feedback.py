@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from handlers.events import event_key
 from schemas.feedback import FeedbackEvent, FeedbackRecord, FeedbackStats
-from tests.factories import at, feedback
+from tests.support.factories import at, feedback
 from worker.exceptions import ValidationError
 from worker.read.service import DatabaseService
 

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.emulator import (
+from tests.support.emulator import (
     FAST_BATCH,
     drain_dead_letters,
     publish,
@@ -30,9 +30,9 @@ from tests.emulator import (
     scalar,
     wait_for_count,
 )
-from tests.factories import feedback_payload
-from tests.hostile import REASONS, message_data, valid_neighbours
-from tests.integration.push_fixtures import PushServices, app_client
+from tests.support.factories import feedback_payload
+from tests.support.hostile import REASONS, message_data, valid_neighbours
+from tests.support.push import PushServices, app_client
 from worker.config import Settings
 from worker.pubsub.client import PubSub
 

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from handlers.metric_identity import sample_identity
 from handlers.metrics import samples_message
 from schemas.metrics import MetricAggregate, MetricRecord, MetricSample
-from tests.factories import T0, at, sample
+from tests.support.factories import T0, at, sample
 from worker.config import Settings
 from worker.exceptions import DatabaseUnavailableError, ValidationError
 from worker.read.service import DatabaseService

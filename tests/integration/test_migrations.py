@@ -16,7 +16,7 @@ import handlers.metric_partitions
 import worker.storage.migrate
 from alembic import command
 from handlers.metric_partitions import MONTHS_AHEAD, create_partitions
-from tests.factories import sample
+from tests.support.factories import sample
 from tests.support.topics import REGISTRY
 from worker.config import Settings
 from worker.read.service import DatabaseService

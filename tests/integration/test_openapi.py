@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.core.result import Ok
 
-from tests.integration.push_fixtures import served
+from tests.support.push import served
 from tests.support.topics import REGISTRY
 from worker.config import Settings
 from worker.http.app import create_app

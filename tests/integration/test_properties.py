@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from handlers.events import event_key
 from schemas.backfill import BackfillProgressEvent, BackfillStatus
 from schemas.feedback import FeedbackEvent, FlagType
-from tests.factories import T0
+from tests.support.factories import T0
 from worker.read.service import DatabaseService
 
 E = TypeVar("E", BackfillProgressEvent, FeedbackEvent)

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.emulator import (
+from tests.support.emulator import (
     Counters,
     Outgoing,
     Published,
@@ -26,7 +26,7 @@ from tests.emulator import (
     running_worker,
     wait_for_count,
 )
-from tests.factories import T0, at, backfill_payload, feedback_payload, metric_payload
+from tests.support.factories import T0, at, backfill_payload, feedback_payload, metric_payload
 from worker.config import Settings
 from worker.pipeline.batching import BatchSettings
 from worker.pubsub.client import PubSub

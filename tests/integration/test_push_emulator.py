@@ -24,14 +24,14 @@ from pathlib import Path
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.emulator import (
+from tests.support.emulator import (
     drain_dead_letters,
     json_log_entries,
     publish,
     scalar,
     wait_for_count,
 )
-from tests.factories import backfill_payload, feedback_payload, metric_payload
+from tests.support.factories import backfill_payload, feedback_payload, metric_payload
 from tests.support.topics import REGISTRY
 from worker.config import Settings
 from worker.pubsub import topology

@@ -22,18 +22,9 @@ import pytest
 import pytest_asyncio
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.emulator import FAST_BATCH, drain_dead_letters, scalar
-from tests.factories import metric_payload
-from tests.integration.push_fixtures import (
-    PushServices,
-    app_client,
-    encoded,
-    envelope,
-    exchange,
-    row_counts,
-    served,
-)
-from tests.oidc_tokens import (
+from tests.support.emulator import FAST_BATCH, drain_dead_letters, scalar
+from tests.support.factories import metric_payload
+from tests.support.oidc_tokens import (
     AUDIENCE,
     BAD_AUTH,
     SERVICE_ACCOUNT,
@@ -42,6 +33,15 @@ from tests.oidc_tokens import (
     claims,
     sign_rs256,
     valid_authorization,
+)
+from tests.support.push import (
+    PushServices,
+    app_client,
+    encoded,
+    envelope,
+    exchange,
+    row_counts,
+    served,
 )
 from tests.support.topics import REGISTRY
 from worker.config import Settings

@@ -22,8 +22,8 @@ from sqlalchemy import text
 
 from schemas.backfill import BackfillJobResponse
 from schemas.cache_keys import job_cache_key, recent_cache_key, stats_cache_key
-from tests.factories import T0, feedback, progress, sample
-from tests.integration.cache_fixtures import RedisDb, own_redis_db
+from tests.support.cache import RedisDb, own_redis_db
+from tests.support.factories import T0, feedback, progress, sample
 from tests.support.topics import REGISTRY
 from worker.config import Settings
 from worker.http.app import create_app

@@ -20,10 +20,16 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from handlers.events import validate
 from schemas.common import Payload, StorableText
-from tests.emulator import drain_dead_letters, publish, running_worker, wait_for, wait_for_count
-from tests.factories import feedback
-from tests.integration.cache_fixtures import own_redis_db
-from tests.integration.push_fixtures import app_client, encoded, envelope
+from tests.support.cache import own_redis_db
+from tests.support.emulator import (
+    drain_dead_letters,
+    publish,
+    running_worker,
+    wait_for,
+    wait_for_count,
+)
+from tests.support.factories import feedback
+from tests.support.push import app_client, encoded, envelope
 from tests.support.topics import REGISTRY
 from worker.config import Settings
 from worker.http.services import Services

@@ -2,7 +2,7 @@
 envelope, whatever a publisher sends; every message is either accepted or refused
 with one of CONTRACT.md's dead-letter reasons, naming its field.
 
-Fuzzed with hypothesis (tests/hostile.py), plus the cases that once broke the worker.
+Fuzzed with hypothesis (tests/support/hostile.py), plus the cases that once broke the worker.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from handlers.backfill import BackfillHandler
 from handlers.feedback import FeedbackHandler
 from handlers.metrics import MetricsHandler
-from tests.factories import backfill_payload, feedback_payload, metric_payload
-from tests.hostile import REASONS, envelope_fields, message_data, times
+from tests.support.factories import backfill_payload, feedback_payload, metric_payload
+from tests.support.hostile import REASONS, envelope_fields, message_data, times
 from worker.exceptions import (
     ExpiredError,
     InvalidJsonError,

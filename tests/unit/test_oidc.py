@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.oidc_tokens import (
+from tests.support.oidc_tokens import (
     AUDIENCE,
     BAD_AUTH,
     KEY_ID,

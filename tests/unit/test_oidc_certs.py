@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.oidc_tokens import (
+from tests.support.oidc_tokens import (
     AUDIENCE,
     BAD_AUTH,
     SERVICE_ACCOUNT,

@@ -22,7 +22,7 @@ from handlers.metrics import MetricsHandler, samples_message
 from schemas.backfill import MAX_BLOCK, BackfillProgressEvent
 from schemas.feedback import FeedbackEvent
 from schemas.metrics import MetricSample, MetricsBatch
-from tests.factories import backfill_payload, feedback_payload, metric_payload
+from tests.support.factories import backfill_payload, feedback_payload, metric_payload
 from worker.exceptions import SchemaViolationError
 
 MISSING = object()

@@ -17,7 +17,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from tests.factories import backfill_payload, feedback_payload, metric_payload
+from tests.support.factories import backfill_payload, feedback_payload, metric_payload
 
 REASONS = frozenset(
     {"invalid_json", "invalid_encoding", "schema_violation", "conflict", "too_large", "expired"}

@@ -25,7 +25,7 @@ from typing import Any
 from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 
-from tests.emulator import Counters
+from tests.support.emulator import Counters
 from worker.config import Settings
 from worker.exceptions import NotFoundError
 from worker.read.service import DatabaseService
