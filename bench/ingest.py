@@ -20,6 +20,7 @@ import asyncpg
 
 from bench.common import asyncpg_dsn, fresh_database, report
 from bench.stack import bench_settings, fresh_topology, start_worker, stop_process, wait_for_rows
+from handlers.metrics import METRIC_COLUMNS
 from worker.pubsub.client import PubSub, PubsubMessage
 
 MESSAGES = 2000
@@ -65,15 +66,7 @@ async def run_batched() -> None:
             for batch in messages
             for s in batch
         ]
-        columns = [
-            "id",
-            "service_name",
-            "metric_type",
-            "metric_value",
-            "unit",
-            "timestamp",
-            "metadata",
-        ]
+        columns = list(METRIC_COLUMNS)
         started = time.perf_counter()
         for i in range(0, len(records), 5000):
             await raw.copy_records_to_table(

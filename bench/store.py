@@ -20,7 +20,7 @@ from sqlalchemy.orm import registry
 from bench.common import asyncpg_dsn, fresh_database, median_rate, report
 from handlers.metric_identity import sample_identity
 from handlers.metric_partitions import create_partitions
-from handlers.metrics import samples_message
+from handlers.metrics import METRIC_COLUMNS, samples_message
 from schemas.feedback import FeedbackEvent
 from schemas.metrics import MetricSample
 from worker.read.service import DatabaseService
@@ -99,15 +99,7 @@ async def run() -> None:
             )
             for s in samples
         ]
-        columns = [
-            "id",
-            "service_name",
-            "metric_type",
-            "metric_value",
-            "unit",
-            "timestamp",
-            "metadata",
-        ]
+        columns = list(METRIC_COLUMNS)
 
         async def truncate_metrics() -> None:
             await raw.execute("TRUNCATE system_metrics, system_metric_ids")

@@ -23,17 +23,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 from uuid import UUID
 
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from handlers.events import event_key, refuse_expired, validate
+from handlers.events import EventHandler, event_key
 from schemas.backfill import BackfillProgressEvent, BackfillStatus
 from schemas.cache_keys import job_cache_key
 from worker.exceptions import ConflictError
 from worker.pipeline.handler import BatchOutcome
-from worker.storage.database import driver_connection, transaction
+from worker.storage.database import driver_connection
 from worker.topics import Topic
 
 DEFAULT_RETENTION_DAYS = 180
@@ -254,26 +253,16 @@ async def _upsert(conn: AsyncConnection, rows: Sequence[_Row]) -> set[UUID]:
     return {rec["id"] for rec in records}
 
 
-class BackfillHandler:
-    """The ``backfill-progress`` topic. An event older than ``max_age``
-    (BACKFILL_RETENTION_DAYS) is ``expired``, whatever its status: its job may have
-    finished and been archived, and the event would recreate it."""
+class BackfillHandler(EventHandler[BackfillProgressEvent]):
+    """The ``backfill-progress`` topic (BACKFILL_RETENTION_DAYS is its ``max_age``).
+    An old event is ``expired`` whatever its status: its job may have finished and
+    been archived, and the event would recreate it."""
 
     topic = "backfill-progress"
+    table = "backfill_jobs"
 
     def __init__(self, max_age: timedelta = timedelta(days=DEFAULT_RETENTION_DAYS)) -> None:
-        self.max_age = max_age
-
-    def parse(self, payload: dict[str, Any], published_at: datetime) -> BackfillProgressEvent:
-        event = validate(BackfillProgressEvent, payload)
-        refuse_expired(event.occurred_at, self.max_age, "occurred_at", "backfill_jobs")
-        return event
-
-    async def apply(
-        self, engine: AsyncEngine, items: Sequence[BackfillProgressEvent]
-    ) -> BatchOutcome:
-        async with transaction(engine) as conn:
-            return await write(conn, items)
+        super().__init__(BackfillProgressEvent, max_age, write)
 
 
 TOPIC = Topic(

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 import orjson
 from pydantic import BaseModel, TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from worker.exceptions import ExpiredError, SchemaViolationError
+from worker.pipeline.handler import BatchOutcome
+from worker.storage.database import transaction
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
@@ -26,6 +30,41 @@ def event_key(event: BaseModel) -> bytes:
     # as uuid.UUID, which orjson only serialises for the exact type.
     encoded = orjson.dumps(event.model_dump(), option=orjson.OPT_SORT_KEYS, default=str)
     return hashlib.sha256(encoded).digest()
+
+
+class _Occurred(Protocol):
+    @property
+    def occurred_at(self) -> datetime: ...
+
+
+E = TypeVar("E", bound=BaseModel)
+
+
+BatchWrite = Callable[[AsyncConnection, Sequence[E]], Awaitable[BatchOutcome]]
+
+
+class EventHandler(Generic[E]):
+    """A topic of events that carry ``occurred_at``, each validated into ``model`` and
+    refused as ``expired`` once older than ``max_age`` (it would recreate a row that
+    retention archived); a batch is written by ``write`` in one transaction."""
+
+    topic: str
+    table: str
+
+    def __init__(self, model: type[E], max_age: timedelta, write: BatchWrite[E]) -> None:
+        self.model = model
+        self.max_age = max_age
+        self.write = write
+
+    def parse(self, payload: dict[str, Any], published_at: datetime) -> E:
+        event = validate(self.model, payload)
+        occurred_at = cast(_Occurred, event).occurred_at
+        refuse_expired(occurred_at, self.max_age, "occurred_at", self.table)
+        return event
+
+    async def apply(self, engine: AsyncEngine, items: Sequence[E]) -> BatchOutcome:
+        async with transaction(engine) as conn:
+            return await self.write(conn, items)
 
 
 def refuse_expired(moment: datetime, max_age: timedelta, field: str, table: str) -> None:

@@ -11,15 +11,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from handlers.events import event_key, refuse_expired, validate
+from handlers.events import EventHandler, event_key
 from schemas.cache_keys import stats_cache_key
 from schemas.feedback import FeedbackEvent
 from worker.pipeline.handler import BatchOutcome
-from worker.storage.database import driver_connection, transaction
+from worker.storage.database import driver_connection
 from worker.topics import Topic
 
 DEFAULT_RETENTION_DAYS = 730
@@ -99,23 +98,14 @@ async def write(conn: AsyncConnection, events: Sequence[FeedbackEvent]) -> Batch
     return BatchOutcome(cache_keys=frozenset(stats_cache_key(r.winner.insight_id) for r in rows))
 
 
-class FeedbackHandler:
-    """The ``feedback`` topic. An event older than ``max_age`` (FEEDBACK_RETENTION_DAYS)
-    is ``expired``: it would recreate feedback that retention archived."""
+class FeedbackHandler(EventHandler[FeedbackEvent]):
+    """The ``feedback`` topic (FEEDBACK_RETENTION_DAYS is its ``max_age``)."""
 
     topic = "feedback"
+    table = "insight_feedback"
 
     def __init__(self, max_age: timedelta = timedelta(days=DEFAULT_RETENTION_DAYS)) -> None:
-        self.max_age = max_age
-
-    def parse(self, payload: dict[str, Any], published_at: datetime) -> FeedbackEvent:
-        event = validate(FeedbackEvent, payload)
-        refuse_expired(event.occurred_at, self.max_age, "occurred_at", "insight_feedback")
-        return event
-
-    async def apply(self, engine: AsyncEngine, items: Sequence[FeedbackEvent]) -> BatchOutcome:
-        async with transaction(engine) as conn:
-            return await write(conn, items)
+        super().__init__(FeedbackEvent, max_age, write)
 
 
 TOPIC = Topic(

@@ -22,6 +22,7 @@ from sqlalchemy import text
 
 from schemas.backfill import BackfillJobResponse
 from schemas.cache_keys import job_cache_key, recent_cache_key, stats_cache_key
+from schemas.metrics import MetricRecord
 from tests.support.cache import RedisDb, own_redis_db
 from tests.support.factories import T0, feedback, progress, sample
 from tests.support.topics import REGISTRY
@@ -331,15 +332,7 @@ async def test_metrics_in_a_range_newest_first(api: Api) -> None:
     body = response.json()
     assert [r["metric_value"] for r in body] == [40.0, 30.0, 20.0]
     assert {r["service_name"] for r in body} == {"web-api"}
-    assert set(body[0]) == {
-        "id",
-        "service_name",
-        "metric_type",
-        "metric_value",
-        "unit",
-        "timestamp",
-        "metadata",
-    }
+    assert set(body[0]) == set(MetricRecord.model_fields)
     assert await api.rdb.redis.exists(recent_cache_key("web-api", "cpu")) == 0
 
     # Every type of the service when metric_type is left out, with a start only.

@@ -9,6 +9,7 @@ from sqlalchemy import Select, bindparam, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from schemas.feedback import FLAG_TYPES, FeedbackRecord, FeedbackStats
+from worker.read.ranges import within
 from worker.storage.tables import insight_feedback
 
 
@@ -46,11 +47,11 @@ async def stats(conn: AsyncConnection, insight_id: str) -> FeedbackStats:
 async def list_feedback(
     conn: AsyncConnection,
     *,
-    insight_id: str | None = None,
-    user_id: str | None = None,
-    start: datetime | None = None,
-    end: datetime | None = None,
-    limit: int = 100,
+    insight_id: str | None,
+    user_id: str | None,
+    start: datetime | None,
+    end: datetime | None,
+    limit: int,
 ) -> list[FeedbackRecord]:
     """Feedback rows, newest first; ``start``/``end`` bound ``updated_at`` (end excluded)."""
     fb = insight_feedback.c
@@ -72,9 +73,6 @@ async def list_feedback(
         query = query.where(fb.insight_id == insight_id)
     if user_id is not None:
         query = query.where(fb.user_id == user_id)
-    if start is not None:
-        query = query.where(fb.updated_at >= start)
-    if end is not None:
-        query = query.where(fb.updated_at < end)
+    query = within(query, fb.updated_at, start, end)
     result = await conn.execute(query)
     return [FeedbackRecord.model_validate(dict(r._mapping)) for r in result]

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from schemas.cache_keys import RECENT_LIMIT
 from schemas.metrics import MetricAggregate, MetricPoint, MetricRecord
 from worker.exceptions import ValidationError
+from worker.read.ranges import within
 from worker.storage.tables import system_metrics
 
 
@@ -33,10 +34,10 @@ async def get_metrics(
     conn: AsyncConnection,
     *,
     service_name: str,
-    metric_type: str | None = None,
-    start: datetime | None = None,
-    end: datetime | None = None,
-    limit: int = 1000,
+    metric_type: str | None,
+    start: datetime | None,
+    end: datetime | None,
+    limit: int,
 ) -> list[MetricRecord]:
     """Samples of a service in ``[start, end)``, newest first."""
     m = system_metrics.c
@@ -48,10 +49,7 @@ async def get_metrics(
     )
     if metric_type is not None:
         query = query.where(m.metric_type == metric_type)
-    if start is not None:
-        query = query.where(m.timestamp >= start)
-    if end is not None:
-        query = query.where(m.timestamp < end)
+    query = within(query, m.timestamp, start, end)
     rows = await conn.execute(query)
     return [MetricRecord.model_validate(dict(r._mapping)) for r in rows]
 
@@ -62,8 +60,8 @@ async def aggregate(
     service_name: str,
     metric_type: str,
     interval: Literal["hour", "day"],
-    start: datetime | None = None,
-    end: datetime | None = None,
+    start: datetime | None,
+    end: datetime | None,
 ) -> list[MetricAggregate]:
     """avg, min, max and count per UTC hour or day in ``[start, end)``, oldest first."""
     if interval not in ("hour", "day"):
@@ -84,9 +82,6 @@ async def aggregate(
         .group_by(bucket)
         .order_by(bucket)
     )
-    if start is not None:
-        query = query.where(m.timestamp >= start)
-    if end is not None:
-        query = query.where(m.timestamp < end)
+    query = within(query, m.timestamp, start, end)
     rows = await conn.execute(query)
     return [MetricAggregate.model_validate({**r._mapping, "interval": interval}) for r in rows]
