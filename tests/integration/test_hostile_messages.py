@@ -30,7 +30,7 @@ from tests.support.emulator import (
     scalar,
     wait_for_count,
 )
-from tests.support.factories import feedback_payload
+from tests.support.factories import feedback_payload, metric_payload
 from tests.support.hostile import REASONS, message_data, valid_neighbours
 from tests.support.push import PushServices, app_client
 from worker.config import Settings
@@ -71,8 +71,8 @@ async def fuzz_push(
         yield http, push
 
 
-def push_body(data: bytes, message_id: str) -> bytes:
-    published = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+def push_body(data: bytes, message_id: str, published: str | None = None) -> bytes:
+    published = published or datetime.now(UTC).isoformat().replace("+00:00", "Z")
     message = {
         "data": base64.b64encode(data).decode("ascii"),
         "messageId": message_id,
@@ -143,3 +143,45 @@ async def test_the_fuzzed_dead_letters_carry_contract_reasons(
         letters = await drain_dead_letters(pubsub, topic, expected=1)
         assert {m.attributes["dead_letter_reason"] for m in letters} <= REASONS
         assert len(letters) == push.counter("dead_lettered", topic)
+
+
+async def test_extreme_publish_times_are_refused_alone(
+    fuzz_push: tuple[httpx.AsyncClient, PushServices], pubsub: PubSub, engine: AsyncEngine
+) -> None:
+    """A sample without a timestamp takes its publish time: one UTC cannot hold is a
+    schema violation, a century-old one is expired (no partition for 1900), and the
+    sample pushed beside them in the same micro-batch is stored."""
+    http, _push = fuzz_push
+    sample = metric_payload(event_id=None)
+    del sample["event_id"], sample["timestamp"]
+    times = {
+        "year-1": "0001-01-01T00:00:00+14:00",
+        "year-10000": "9999-12-31T23:59:59-14:00",
+        "year-1900": "1900-01-01T00:00:00Z",
+        "now": None,
+    }
+    answers = await asyncio.gather(
+        *(
+            http.post(
+                "/push/metrics",
+                content=push_body(json.dumps(sample).encode(), case, published),
+                headers={"content-type": "application/json"},
+            )
+            for case, published in times.items()
+        )
+    )
+    assert [a.status_code for a in answers] == [204] * 4, [a.text for a in answers]
+    letters = await drain_dead_letters(pubsub, "metrics", expected=3)
+    reasons = {
+        m.attributes["source_message_id"]: m.attributes["dead_letter_reason"] for m in letters
+    }
+    assert reasons == {
+        "year-1": "schema_violation",
+        "year-10000": "schema_violation",
+        "year-1900": "expired",
+    }
+    assert await scalar(engine, "SELECT count(*) FROM system_metrics") == 1
+    partitions = await scalar(
+        engine, "SELECT count(*) FROM pg_class WHERE relname LIKE 'system_metrics_y1900%'"
+    )
+    assert partitions == 0
