@@ -25,9 +25,9 @@ from schemas.cache_keys import job_cache_key, recent_cache_key, stats_cache_key
 from schemas.metrics import MetricRecord
 from tests.support.cache import RedisDb, own_redis_db
 from tests.support.factories import T0, feedback, progress, sample
+from tests.support.push import app_client
 from tests.support.topics import REGISTRY
 from worker.config import Settings
-from worker.http.app import create_app
 from worker.http.services import Services
 from worker.read.service import DatabaseService
 from worker.storage.database import connection
@@ -48,16 +48,8 @@ class Api:
 async def api(pubsub_settings: Settings) -> AsyncIterator[Api]:
     async with own_redis_db(pubsub_settings) as rdb:
         services = Services.create(rdb.settings, REGISTRY)
-        app = create_app(services, None)
-        try:
-            async with app.router.lifespan_context(app):
-                transport = httpx.ASGITransport(app=app)
-                async with httpx.AsyncClient(
-                    transport=transport, base_url="http://worker.test", timeout=30
-                ) as client:
-                    yield Api(client, services, rdb)
-        finally:
-            await services.close()
+        async with app_client(rdb.settings, services) as client:
+            yield Api(client, services, rdb)
 
 
 def error_fields(response: httpx.Response) -> list[str]:
@@ -514,22 +506,13 @@ async def test_a_dead_database_is_a_503_with_a_fixed_text(
     dead = dataclasses.replace(
         pubsub_settings, database_url="postgresql+asyncpg://postgres@127.0.0.1:1/utxoiq"
     )
-    services = Services.create(dead, REGISTRY)
-    app = create_app(services, None)
-    try:
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(
-                transport=transport, base_url="http://worker.test", timeout=30
-            ) as client:
-                responses = [
-                    await client.get("/v1/backfill-jobs"),
-                    await client.get(f"/v1/backfill-jobs/{uuid.uuid4()}"),
-                    await client.get("/v1/feedback/dead-db/stats"),
-                    await client.get("/v1/metrics", params={"service_name": "web-api"}),
-                ]
-    finally:
-        await services.close()
+    async with app_client(dead, Services.create(dead, REGISTRY)) as client:
+        responses = [
+            await client.get("/v1/backfill-jobs"),
+            await client.get(f"/v1/backfill-jobs/{uuid.uuid4()}"),
+            await client.get("/v1/feedback/dead-db/stats"),
+            await client.get("/v1/metrics", params={"service_name": "web-api"}),
+        ]
     for response in responses:
         assert response.status_code == 503, response.text
         assert response.json() == {
