@@ -38,6 +38,8 @@ _TIMEOUT_VARIABLES = {
     "database_connect_timeout_s": "DATABASE_CONNECT_TIMEOUT",
     "database_command_timeout_s": "DATABASE_COMMAND_TIMEOUT",
     "database_statement_timeout_s": "DATABASE_STATEMENT_TIMEOUT",
+    "maintenance_heartbeat_s": "MAINTENANCE_HEARTBEAT",
+    "maintenance_stale_s": "MAINTENANCE_STALE_AFTER",
 }
 
 
@@ -69,6 +71,12 @@ class Settings:
     metrics_retention_days: int = 90
     feedback_retention_days: int = 730
     backfill_retention_days: int = 180
+    # Where pg_dump and pg_restore are (e.g. /usr/lib/postgresql/17/bin); PATH if unset.
+    pg_bin_dir: str | None = None
+    # A maintenance run's owner refreshes its heartbeat this often; a run whose
+    # heartbeat is older than ``maintenance_stale_s`` lost its owner and is taken over.
+    maintenance_heartbeat_s: float = 10.0
+    maintenance_stale_s: float = 60.0
     port: int = 8080
     push_audience: str | None = None
     push_service_accounts: tuple[str, ...] = field(default_factory=tuple)
@@ -87,6 +95,12 @@ class Settings:
                 raise ValueError(
                     f"{variable} must be at least 1 day, got {getattr(self, attribute)}"
                 )
+        if self.maintenance_stale_s < 2 * self.maintenance_heartbeat_s:
+            # A live owner must never look dead between two of its heartbeats.
+            raise ValueError(
+                "MAINTENANCE_STALE_AFTER must be at least twice MAINTENANCE_HEARTBEAT, got "
+                f"{self.maintenance_stale_s} and {self.maintenance_heartbeat_s}"
+            )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -115,6 +129,9 @@ class Settings:
             metrics_retention_days=_int(env, "METRICS_RETENTION_DAYS", 90),
             feedback_retention_days=_int(env, "FEEDBACK_RETENTION_DAYS", 730),
             backfill_retention_days=_int(env, "BACKFILL_RETENTION_DAYS", 180),
+            pg_bin_dir=env.get("PG_BIN_DIR") or None,
+            maintenance_heartbeat_s=_seconds(env, "MAINTENANCE_HEARTBEAT", 10.0),
+            maintenance_stale_s=_seconds(env, "MAINTENANCE_STALE_AFTER", 60.0),
             port=_int(env, "PORT", 8080),
             push_audience=env.get("PUSH_AUDIENCE") or None,
             push_service_accounts=accounts,

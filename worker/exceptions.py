@@ -145,3 +145,29 @@ class AuthError(RequestRefusedError):
 
 class ForbiddenError(RequestRefusedError):
     """403: a valid token of an identity that may not push. The message is client-safe."""
+
+
+class ObjectStoreError(WorkerError):
+    """An object store call failed (Cloud Storage unavailable, a disk error): retry later."""
+
+    transient = True
+
+
+class ObjectNotFoundError(ObjectStoreError):
+    """The object asked for does not exist."""
+
+    transient = False
+
+
+class ObjectExistsError(ObjectStoreError):
+    """An object was to be created where one exists already (never overwritten unasked)."""
+
+    transient = False
+
+
+class MaintenanceError(WorkerError):
+    """A maintenance run (backup, restore, retention) failed: its message is nacked, so
+    Pub/Sub retries the run and dead-letters it after its attempts. The message says
+    what failed and what an operator can do."""
+
+    transient = True

@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     _add_run(commands.add_parser("run", help="the pull worker"))
+    from worker.cli import backup
+
+    backup.add_parser(commands)
     return parser
 
 
@@ -162,6 +165,12 @@ async def _run(args: argparse.Namespace, settings: Settings, registry: Registry)
     return await run_worker(settings, registry, topics, batch, pull)
 
 
+async def _backup(args: argparse.Namespace, settings: Settings, registry: Registry) -> int:
+    from worker.cli import backup
+
+    return await backup.command(args, settings)
+
+
 COMMANDS: dict[str, Command] = {
     "migrate": _migrate,
     "downgrade": _downgrade,
@@ -169,6 +178,7 @@ COMMANDS: dict[str, Command] = {
     "topology": _topology,
     "serve": _serve,
     "run": _run,
+    "backup": _backup,
 }
 
 

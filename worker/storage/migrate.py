@@ -48,3 +48,13 @@ async def run_start_hooks(settings: Settings, registry: Registry) -> None:
                 await topic.on_start(engine)
     finally:
         await engine.dispose()
+
+
+def head_revision() -> str:
+    """The revision this code's migrations end at."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(alembic_config("")).get_current_head()
+    if head is None:
+        raise RuntimeError("the project has no Alembic revision")
+    return head

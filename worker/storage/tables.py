@@ -7,8 +7,10 @@ column added here without a migration fails the test suite.
 from __future__ import annotations
 
 from sqlalchemy import (
+    Boolean,
     CheckConstraint,
     Column,
+    Date,
     DateTime,
     Double,
     Index,
@@ -117,4 +119,32 @@ system_metric_ids = Table(
     Column("id", UUID(as_uuid=True), primary_key=True),
     # Kept so that retention can forget the identities of the samples it archived.
     Column("timestamp", TZ, nullable=False),
+)
+
+
+# One row per maintenance run (CONTRACT.md, maintenance): a run is (task, UTC day).
+# The primary key is what makes "one run per task and day" hold across processes:
+# a delivery claims the row in one statement, or finds who holds it.
+maintenance_runs = Table(
+    "maintenance_runs",
+    metadata,
+    Column("task", String(20), nullable=False),
+    Column("run_day", Date, nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("owner", String(200), nullable=False),
+    Column("dry_run", Boolean, nullable=False),
+    Column("started_at", TZ, nullable=False),
+    # Refreshed by the owner while it runs: a stale heartbeat means the owner died.
+    Column("heartbeat_at", TZ, nullable=False),
+    Column("finished_at", TZ),
+    # [{"uri", "size_bytes", "sha256"}] of what the run wrote.
+    Column("objects", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
+    # Rows per table the run dumped (backup) or archived (retention).
+    Column("row_counts", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("details", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("error", Text),
+    PrimaryKeyConstraint("task", "run_day", name="pk_maintenance_runs"),
+    CheckConstraint("status IN ('running', 'succeeded', 'failed')", name="status_known"),
+    CheckConstraint("attempt >= 1", name="attempt_positive"),
 )

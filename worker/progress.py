@@ -1,0 +1,76 @@
+"""Progress of a long step (a dump, an upload, a restore): bytes done and the rate.
+
+On a terminal it redraws one line in place; otherwise (a worker, a CI log) it logs a
+JSON line every ``log_every_s`` seconds, so a run that takes an hour is never silent.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import TextIO
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+
+
+def _mib(count: int) -> str:
+    return f"{count / MIB:,.1f} MiB"
+
+
+class Progress:
+    def __init__(
+        self,
+        step: str,
+        *,
+        total_bytes: int | None = None,
+        stream: TextIO | None = None,
+        log_every_s: float = 10.0,
+        draw_every_s: float = 0.5,
+    ) -> None:
+        self.step = step
+        self.total_bytes = total_bytes
+        self.done_bytes = 0
+        self._stream = stream if stream is not None else sys.stderr
+        self._terminal = self._stream.isatty()
+        self._every_s = draw_every_s if self._terminal else log_every_s
+        self._started = time.monotonic()
+        self._shown = self._started
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self._started
+
+    def rate_mib_per_s(self) -> float:
+        return self.done_bytes / MIB / max(self.seconds, 1e-9)
+
+    def advance(self, count: int) -> None:
+        self.done_bytes += count
+        now = time.monotonic()
+        if now - self._shown >= self._every_s:
+            self._shown = now
+            self._show(final=False)
+
+    def finish(self) -> None:
+        self._show(final=True)
+
+    def _show(self, *, final: bool) -> None:
+        rate = self.rate_mib_per_s()
+        if self._terminal:
+            of = f" of {_mib(self.total_bytes)}" if self.total_bytes else ""
+            line = f"{self.step}: {_mib(self.done_bytes)}{of}  {rate:,.1f} MiB/s"
+            self._stream.write(f"\r{line}\x1b[K" + ("\n" if final else ""))
+            self._stream.flush()
+            return
+        log.info(
+            f"{self.step} {'done' if final else 'in progress'}",
+            extra={
+                "step": self.step,
+                "bytes": self.done_bytes,
+                "total_bytes": self.total_bytes,
+                "mib_per_s": round(rate, 1),
+                "seconds": round(self.seconds, 1),
+            },
+        )

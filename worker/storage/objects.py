@@ -1,0 +1,100 @@
+"""The object store: where backups and archives go (``gs://bucket/prefix`` or ``file://path``).
+
+One small interface with two implementations (``worker.storage.object_files`` and
+``worker.storage.object_gcs``), chosen by the URL's scheme in ``open_store``. Keys
+are ``/``-separated paths relative to the store's root. Every write streams (memory
+stays bounded whatever the object's size) and is all or nothing: an object becomes
+visible, whole, only when its ``create`` block exits without an exception; an
+exception cancels it and nothing is ever listed or readable under its key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+READ_CHUNK_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """A committed object: its key, size and last modification (UTC)."""
+
+    key: str
+    size_bytes: int
+    updated_at: datetime
+
+
+class ObjectWriter(Protocol):
+    async def write(self, chunk: bytes) -> None:
+        """Append ``chunk`` (kept only if the ``create`` block ends without an exception)."""
+        ...
+
+
+class ObjectStore(Protocol):
+    @property
+    def url(self) -> str:
+        """The store's root, as configured (``gs://bucket/prefix``, ``file:///abs/path``)."""
+        ...
+
+    def uri(self, key: str) -> str:
+        """The full URI of ``key`` (what operators see and pass back)."""
+        ...
+
+    def key_of(self, uri: str) -> str:
+        """The key of a URI of this store; ``ValueError`` if it lies outside the store."""
+        ...
+
+    def create(
+        self, key: str, *, overwrite: bool = False
+    ) -> AbstractAsyncContextManager[ObjectWriter]:
+        """Stream a new object to ``key``: visible only once the block exits cleanly.
+
+        Raises ``ObjectExistsError`` (at the latest on exit) if ``key`` exists and
+        ``overwrite`` is false; an exception inside the block cancels the object.
+        """
+        ...
+
+    def read(self, key: str, chunk_bytes: int = READ_CHUNK_BYTES) -> AsyncIterator[bytes]:
+        """The object's bytes in chunks; ``ObjectNotFoundError`` if it does not exist."""
+        ...
+
+    async def read_bytes(self, key: str) -> bytes:
+        """A small object whole (a manifest); ``ObjectNotFoundError`` if it does not exist."""
+        ...
+
+    async def write_bytes(self, key: str, data: bytes, *, overwrite: bool = False) -> None:
+        """A small object in one call, with ``create``'s guarantees."""
+        ...
+
+    async def list(self, prefix: str = "") -> list[ObjectInfo]:
+        """Committed objects whose key starts with ``prefix``, sorted by key."""
+        ...
+
+    async def delete(self, key: str) -> None:
+        """Delete ``key``; deleting what does not exist is not an error."""
+        ...
+
+    async def sweep_incomplete(self, prefix: str, older_than: datetime) -> int:
+        """Remove what interrupted writes under ``prefix`` left before ``older_than``.
+
+        Never touches a committed object, nor a write younger than ``older_than`` (it
+        may be in progress). Returns how many leftovers went.
+        """
+        ...
+
+
+def open_store(url: str) -> ObjectStore:
+    """The store for ``url``: ``gs://bucket[/prefix]`` or ``file://path`` (relative or absolute)."""
+    if url.startswith("gs://"):
+        from worker.storage.object_gcs import GcsStore
+
+        return GcsStore.from_url(url)
+    if url.startswith("file://"):
+        from worker.storage.object_files import FileStore
+
+        return FileStore.from_url(url)
+    raise ValueError(f"an object store URL is gs://bucket/prefix or file://path, got {url!r}")
