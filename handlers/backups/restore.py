@@ -11,6 +11,7 @@ After the restore, the rows per table must equal the manifest's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import tempfile
@@ -114,10 +115,11 @@ async def _hashing(
     store: ObjectStore, key: str, digest: Any, progress: Progress
 ) -> AsyncIterator[bytes]:
     """The object's chunks, hashed into ``digest`` as they pass."""
-    async for chunk in store.read(key):
-        digest.update(chunk)
-        progress.advance(len(chunk))
-        yield chunk
+    async with contextlib.aclosing(store.read(key)) as chunks:  # type: ignore[type-var]
+        async for chunk in chunks:
+            digest.update(chunk)
+            progress.advance(len(chunk))
+            yield chunk
 
 
 async def _download(

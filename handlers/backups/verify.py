@@ -46,11 +46,12 @@ class _Hashed:
         self.size_bytes = 0
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self._chunks:
-            self.digest.update(chunk)
-            self.size_bytes += len(chunk)
-            self._progress.advance(len(chunk))
-            yield chunk
+        async with contextlib.aclosing(self._chunks):  # type: ignore[type-var]
+            async for chunk in self._chunks:
+                self.digest.update(chunk)
+                self.size_bytes += len(chunk)
+                self._progress.advance(len(chunk))
+                yield chunk
 
 
 async def verify(

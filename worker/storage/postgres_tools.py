@@ -187,9 +187,10 @@ async def restore_stream(
     assert process.stdin is not None
     try:
         try:
-            async for chunk in chunks:
-                process.stdin.write(chunk)
-                await process.stdin.drain()
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    process.stdin.write(chunk)
+                    await process.stdin.drain()
             process.stdin.close()
         except (BrokenPipeError, ConnectionResetError):
             pass  # pg_restore stopped reading: its exit status and stderr say why
