@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from bench import common, drain, ingest, invalidation, push, read, stack, store
+from bench import backup, common, drain, ingest, invalidation, push, read, stack, store
 from worker.cli.main import run_async
 
 SCENARIOS = {
@@ -16,6 +16,7 @@ SCENARIOS = {
     "read": read.run,
     "invalidation": invalidation.run,
     "push": push.run,
+    "backup": backup.run,
 }
 
 

@@ -29,6 +29,13 @@ def backup_store(settings: Settings) -> ObjectStore:
 async def run_backup(settings: Settings, run: RunKey, attempt: int) -> RunResult:
     """One attempt of the backup run ``run``: every step or an exception."""
     store = backup_store(settings)
+    try:
+        return await _run(settings, store, run, attempt)
+    finally:
+        store.close()
+
+
+async def _run(settings: Settings, store: ObjectStore, run: RunKey, attempt: int) -> RunResult:
     await verify.drop_leftover_scratch(settings)
     dumped = await take.take(settings, store, Progress("backup dump"))
     expected = verify.Expected(dumped.key, dumped.sha256, dumped.size_bytes, dumped.rows)

@@ -27,7 +27,7 @@ from tests.support.backups import (
     seed,
     slow_tools,
 )
-from tests.support.object_stores import fresh_bucket_store
+from tests.support.object_stores import drop_bucket, fresh_bucket_store
 from worker.config import Settings
 from worker.exceptions import MaintenanceError
 from worker.progress import Progress
@@ -36,11 +36,13 @@ from worker.storage.objects import ObjectStore, open_store
 
 
 @pytest_asyncio.fixture(loop_scope="session", params=["file", "gcs"])
-async def backup_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+async def backup_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     if request.param == "file":
-        return f"file://{tmp_path}/backups"
+        yield f"file://{tmp_path}/backups"
+        return
     store = await fresh_bucket_store("backups")
-    return store.url
+    yield store.url
+    await drop_bucket(store)
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -97,7 +99,7 @@ async def test_restore_streams_with_one_job_and_refuses_a_non_empty_target(
     store = open_store(config.backup_url)
     backup = await _only_backup(store, config)
     await restore.restore(config, store, backup, scratch_url, clean=False, jobs=1)
-    with pytest.raises(MaintenanceError, match="not empty .* pass --clean"):
+    with pytest.raises(MaintenanceError, match=r"not empty .* pass --clean"):
         await restore.restore(config, store, backup, scratch_url, clean=False, jobs=1)
     again = await restore.restore(config, store, backup, scratch_url, clean=True, jobs=2)
     assert again.rows == backup.manifest.rows  # type: ignore[union-attr]
@@ -135,7 +137,7 @@ async def test_truncated_or_corrupted_object_fails_verify_clearly(
     path.write_bytes(
         whole[:middle] + bytes(b ^ 0xFF for b in whole[middle : middle + 64]) + whole[middle + 64 :]
     )
-    with pytest.raises(MaintenanceError, match="restore failed|sha256 is"):
+    with pytest.raises(MaintenanceError, match=r"restore failed|sha256 is"):
         await verify.verify(config, store, expected, Progress("verify"))
     leftovers = await inventory.databases_like(config.database_url, "utxoiq_test_")
     assert not [name for name in leftovers if verify.SCRATCH_MARK in name]
@@ -160,7 +162,7 @@ async def test_pg_dump_killed_midway_leaves_no_backup_and_the_run_is_retried(
         await asyncio.sleep(0.05)
     assert real, "pg_dump never started"
     os.kill(real[0], signal.SIGKILL)
-    with pytest.raises(MaintenanceError, match="pg_dump (exited|was killed)"):
+    with pytest.raises(MaintenanceError, match=r"pg_dump (exited|was killed)"):
         await run
     store = open_store(slow.backup_url)
     assert await store.list() == []  # nothing visible, not even an incomplete dump

@@ -20,9 +20,15 @@ from tests.support.factories import sample
 from tests.support.topics import REGISTRY
 from worker.config import Settings
 from worker.read.service import DatabaseService
-from worker.storage.migrate import alembic_config, downgrade, upgrade
+from worker.storage.migrate import alembic_config, downgrade, head_revision, upgrade
 
-OUR_TABLES = {"backfill_jobs", "insight_feedback", "system_metrics", "system_metric_ids"}
+OUR_TABLES = {
+    "backfill_jobs",
+    "insight_feedback",
+    "system_metrics",
+    "system_metric_ids",
+    "maintenance_runs",
+}
 
 
 async def alembic_check(url: str) -> None:
@@ -68,7 +74,8 @@ def months_from(year: int, month: int, count: int) -> list[tuple[int, int]]:
 
 async def test_head_matches_the_models(database_url: str, engine: AsyncEngine) -> None:
     assert await tables(engine) >= OUR_TABLES
-    assert await scalar(engine, "SELECT version_num FROM alembic_version") == "0001"
+    assert await scalar(engine, "SELECT version_num FROM alembic_version") == "0002"
+    assert head_revision() == "0002"
     await alembic_check(database_url)
 
 

@@ -64,8 +64,9 @@ async def checksums(database_url: str) -> dict[str, tuple[int, str]]:
         for table in await inventory.count_rows(conn):
             quoted = '"' + table.replace('"', '""') + '"'
             row = await conn.fetchrow(
-                f"SELECT count(*) AS n, md5(coalesce(string_agg(t::text, '|' ORDER BY t::text), ''))"
-                f" AS sum FROM {quoted} t"
+                "SELECT count(*) AS n,"
+                " md5(coalesce(string_agg(t::text, '|' ORDER BY t::text), '')) AS sum"
+                f" FROM {quoted} t"
             )
             sums[table] = (int(row["n"]), str(row["sum"]))
     return sums

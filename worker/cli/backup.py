@@ -8,8 +8,10 @@ at ``BACKUP_URL``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from datetime import UTC, date, datetime
 
 from handlers.backups import catalog, prune, restore, verify
@@ -20,6 +22,7 @@ from worker.config import Settings
 from worker.progress import Progress
 from worker.storage.database import create_engine
 from worker.storage.inventory import database_name
+from worker.storage.objects import ObjectStore
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -59,10 +62,20 @@ async def command(args: argparse.Namespace, settings: Settings) -> int:
         "restore": _restore,
         "prune": _prune,
     }
-    return await actions[args.action](args, settings)
+    with _store(settings) as store:
+        return await actions[args.action](args, settings, store)
 
 
-async def _run(args: argparse.Namespace, settings: Settings) -> int:
+@contextlib.contextmanager
+def _store(settings: Settings) -> Iterator[ObjectStore]:
+    store = backup_store(settings)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+async def _run(args: argparse.Namespace, settings: Settings, store: ObjectStore) -> int:
     run = RunKey("backup", args.day or datetime.now(UTC).date())
     engine = create_engine(settings, pool_size=2, max_overflow=0)
     try:
@@ -79,8 +92,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-async def _list(args: argparse.Namespace, settings: Settings) -> int:
-    store = backup_store(settings)
+async def _list(args: argparse.Namespace, settings: Settings, store: ObjectStore) -> int:
     backups = await catalog.list_backups(store, database_name(settings.database_url))
     if args.json:
         for b in backups:
@@ -112,8 +124,7 @@ def _describe(uri: str, b: catalog.Backup) -> dict[str, object]:
     }
 
 
-async def _verify(args: argparse.Namespace, settings: Settings) -> int:
-    store = backup_store(settings)
+async def _verify(args: argparse.Namespace, settings: Settings, store: ObjectStore) -> int:
     chosen = await catalog.choose(
         store, database_name(settings.database_url), args.object, args.latest
     )
@@ -127,10 +138,9 @@ async def _verify(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-async def _restore(args: argparse.Namespace, settings: Settings) -> int:
+async def _restore(args: argparse.Namespace, settings: Settings, store: ObjectStore) -> int:
     if args.jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
-    store = backup_store(settings)
     chosen = await catalog.choose(
         store, database_name(settings.database_url), args.object, args.latest
     )
@@ -145,8 +155,7 @@ async def _restore(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-async def _prune(args: argparse.Namespace, settings: Settings) -> int:
-    store = backup_store(settings)
+async def _prune(args: argparse.Namespace, settings: Settings, store: ObjectStore) -> int:
     doomed = await prune.prune(
         store,
         database_name(settings.database_url),

@@ -78,6 +78,10 @@ class ObjectStore(Protocol):
         """Delete ``key``; deleting what does not exist is not an error."""
         ...
 
+    def close(self) -> None:
+        """Release connections (a later call opens new ones)."""
+        ...
+
     async def sweep_incomplete(self, prefix: str, older_than: datetime) -> int:
         """Remove what interrupted writes under ``prefix`` left before ``older_than``.
 

@@ -187,7 +187,7 @@ async def restore_stream(
     assert process.stdin is not None
     try:
         try:
-            async with contextlib.aclosing(chunks):
+            async with contextlib.aclosing(chunks):  # type: ignore[type-var]
                 async for chunk in chunks:
                     process.stdin.write(chunk)
                     await process.stdin.drain()
