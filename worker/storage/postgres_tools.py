@@ -13,11 +13,11 @@ import contextlib
 import os
 import re
 import shutil
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import make_url
+from sqlalchemy import URL, make_url
 
 from worker.exceptions import MaintenanceError
 
@@ -40,7 +40,11 @@ class Connection:
         url = make_url(database_url)
         if not url.database:
             raise ValueError(f"the database URL names no database: {url!r}")
-        libpq = url.set(drivername="postgresql", password=None, query={})
+        # URL.set ignores None: a new URL is the only way to leave the password out.
+        query = _libpq_query(url.query)
+        libpq = URL.create(
+            "postgresql", url.username, None, url.host, url.port, url.database, query
+        )
         return cls(libpq.render_as_string(hide_password=False), url.password, url.database)
 
     def with_database(self, database: str) -> Connection:
@@ -52,6 +56,22 @@ class Connection:
         if self.password is not None:
             env["PGPASSWORD"] = self.password
         return env
+
+
+# Query parameters libpq understands, kept (``host=/cloudsql/...`` is how Cloud Run
+# reaches Cloud SQL); asyncpg's ``ssl`` is libpq's ``sslmode``; the rest is asyncpg's.
+_LIBPQ_PARAMETERS = {"host", "port", "sslmode", "sslrootcert", "sslcert", "sslkey", "options"}
+
+
+def _libpq_query(query: Mapping[str, str | tuple[str, ...]]) -> dict[str, str]:
+    kept: dict[str, str] = {}
+    for name, value in query.items():
+        text = value if isinstance(value, str) else value[-1]
+        if name == "ssl":
+            kept["sslmode"] = text
+        elif name in _LIBPQ_PARAMETERS:
+            kept[name] = text
+    return kept
 
 
 def tool(name: str, bin_dir: str | None) -> str:
