@@ -3,7 +3,8 @@
 Migrates, applies the Pub/Sub topology, starts the pull worker, publishes sample
 events for every topic (with a duplicate, an out-of-order event and a few bad
 messages), waits until they are settled, and prints the stored rows and the dead
-letters with their reasons. Then the data service layer on its own.
+letters with their reasons. Then the data service layer on its own, and last a
+backup of the demo database restored into a second one.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from worker.cli.demo_backup import backup_and_restore
 from worker.config import Settings
 from worker.pubsub import topology
 from worker.pubsub.client import PubSub, PubsubMessage
@@ -175,6 +177,7 @@ async def run_demo(settings: Settings, registry: Registry) -> int:
     finally:
         await worker.stop()
         await runtime.close()
+    await backup_and_restore(settings)
     return 0
 
 
