@@ -1,5 +1,7 @@
 # The worker image: the pull worker (`run`) or the Cloud Run service (`serve`).
-FROM python:3.11-slim AS build
+# Debian 12 (bookworm), pinned: its postgresql-client is 15, and pg_dump must be at
+# least the server's major version (README: supported PostgreSQL servers).
+FROM python:3.11-slim-bookworm AS build
 RUN pip install --no-cache-dir uv
 WORKDIR /app
 COPY pyproject.toml uv.lock README.md ./
@@ -11,9 +13,9 @@ COPY alembic ./alembic
 COPY alembic.ini ./
 RUN uv sync --locked --no-dev --compile-bytecode
 
-FROM python:3.11-slim
-# pg_dump for the backup task; the client's major version must match the server's.
-RUN apt-get update && apt-get install -y --no-install-recommends postgresql-client \
+FROM python:3.11-slim-bookworm
+# pg_dump and pg_restore 15 for backups: they dump and restore servers up to 15.
+RUN apt-get update && apt-get install -y --no-install-recommends postgresql-client-15 \
     && rm -rf /var/lib/apt/lists/*
 RUN useradd --create-home --uid 10001 worker
 WORKDIR /app
