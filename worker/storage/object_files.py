@@ -27,7 +27,14 @@ from pathlib import Path
 from typing import BinaryIO, TypeVar
 
 from worker.exceptions import ObjectExistsError, ObjectNotFoundError, ObjectStoreError
-from worker.storage.objects import READ_CHUNK_BYTES, ObjectInfo, ObjectWriter
+from worker.storage.objects import (
+    READ_CHUNK_BYTES,
+    ObjectInfo,
+    ObjectWriter,
+    check_key,
+    check_prefix,
+    utc_cutoff,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,45 +47,6 @@ WRITE_BUFFER_BYTES = 1024 * 1024
 _PARTIAL = re.compile(r"\.(?P<name>.+)\.partial-[0-9a-f]{32}")
 # A read of a name that is a directory, or under a file, finds no object either.
 _MISSING = (errno.ENOENT, errno.ENOTDIR, errno.EISDIR)
-
-
-def check_key(key: str) -> str:
-    """``key`` if it is a valid object key, else ``ValueError``.
-
-    A key is ``/``-separated, relative, without empty segments, and no segment
-    starts with ``.`` (so no ``..``): it can never leave the store's root.
-    """
-    if not isinstance(key, str) or not key:
-        raise ValueError(f"an object key is a non-empty string, got {key!r}")
-    if "\x00" in key or "\\" in key:
-        raise ValueError(f"an object key has no NUL or backslash, got {key!r}")
-    for segment in key.split("/"):
-        if not segment or segment.startswith("."):
-            raise ValueError(
-                f"an object key is relative, with no empty segment and no segment "
-                f"starting with '.', got {key!r}"
-            )
-    return key
-
-
-def check_prefix(prefix: str) -> str:
-    """``prefix`` if it can start a valid key (``""`` is every key), else ``ValueError``.
-
-    Its whole segments follow ``check_key``; its last, partial segment may be empty.
-    """
-    head, _, _ = prefix.rpartition("/")
-    if head or prefix.startswith("/"):
-        check_key(head)
-    if "\x00" in prefix or "\\" in prefix:
-        raise ValueError(f"a key prefix has no NUL or backslash, got {prefix!r}")
-    return prefix
-
-
-def utc_cutoff(older_than: datetime) -> datetime:
-    """``older_than`` if it is timezone-aware (a naive time is ambiguous), else ``ValueError``."""
-    if older_than.tzinfo is None or older_than.utcoffset() is None:
-        raise ValueError(f"older_than must be timezone-aware, got {older_than!r}")
-    return older_than
 
 
 def _translate(error: OSError, action: str, *, missing: bool) -> ObjectStoreError:

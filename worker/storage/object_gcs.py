@@ -38,8 +38,14 @@ from worker.exceptions import (
     ObjectStoreError,
     WorkerError,
 )
-from worker.storage.object_files import check_key, check_prefix, utc_cutoff
-from worker.storage.objects import READ_CHUNK_BYTES, ObjectInfo, ObjectWriter
+from worker.storage.objects import (
+    READ_CHUNK_BYTES,
+    ObjectInfo,
+    ObjectWriter,
+    check_key,
+    check_prefix,
+    utc_cutoff,
+)
 
 log = logging.getLogger(__name__)
 
