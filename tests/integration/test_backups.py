@@ -9,14 +9,16 @@ import os
 import signal
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from handlers.backups import catalog, restore, verify
+from handlers.backups import catalog, prune, restore, verify
 from handlers.maintenance_runs import RunKey
+from schemas.backups import BackupManifest, Verification, render_manifest
 from tests.conftest import url_for
 from tests.support.backups import (
     TODAY,
@@ -221,3 +223,40 @@ async def test_two_concurrent_requests_for_the_same_day_make_one_backup(
     third = await backup_now(engine, config)
     assert not third.ran and third.record.attempt == 1
     await _only_backup(open_store(config.backup_url), config)
+
+
+async def test_prune_over_a_simulated_fortnight_on_a_real_store(tmp_path: Path) -> None:
+    """Daily backups (one of them unverified, one left without manifest by a dead run)
+    and a prune after each: the store holds exactly the last seven days' complete
+    backups, and a leftover only while it is younger than a day."""
+    store = open_store(f"file://{tmp_path}")
+    start = datetime(2026, 11, 1, 3, 0, tzinfo=UTC)
+    for day in range(14):
+        taken = start + timedelta(days=day)
+        key = catalog.dump_key("db", taken)
+        await store.write_bytes(key, b"dump")
+        if day != 9:  # day 9's run died before its manifest
+            manifest = _manifest(store.uri(key), taken, verified=day != 12)
+            await store.write_bytes(catalog.manifest_key(key), render_manifest(manifest))
+        now = taken + timedelta(hours=1)
+        await prune.prune(store, "db", now, retention_days=7)
+        kept = await catalog.list_backups(store, "db")
+        expected = {d for d in range(max(0, day - 6), day + 1) if d != 9 or day == 9}
+        assert {(b.taken_at - start).days for b in kept} == expected, day
+        assert all(b.complete for b in kept if b.taken_at < now - timedelta(days=1))
+
+
+def _manifest(uri: str, taken: datetime, *, verified: bool) -> BackupManifest:
+    return BackupManifest(
+        object=uri,
+        database="db",
+        sha256="0" * 64,
+        size_bytes=4,
+        server_version="15",
+        pg_dump_major=15,
+        alembic_revision="0002",
+        rows={},
+        started_at=taken,
+        finished_at=taken,
+        verification=Verification(passed=verified, checked_at=taken, seconds=0.1),
+    )
