@@ -8,14 +8,15 @@ transient ``MaintenanceError``, so the message is nacked, retried by Pub/Sub, an
 dead-lettered after its attempts. A run may take an hour: pull leases are extended
 and a push request is held for as long as it lives.
 
-A valid task this version cannot run yet is dead-lettered as ``unsupported`` (an
-operator replays it once the task exists).
+A dry run (``"dry_run": true``) only says what the run would do: it changes nothing
+and is not recorded as the day's run.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -26,17 +27,19 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from handlers.backups.task import run_backup
 from handlers.events import validate
 from handlers.maintenance_runs import Ledger, RunKey, RunOutcome, RunResult, run_once
+from handlers.retention.task import dry_run, run_retention, tables_of
 from schemas.maintenance import MaintenanceRequest
 from worker.config import Settings
 from worker.exceptions import UnsupportedError
 from worker.pipeline.batching import BatchSettings
+from worker.pipeline.crash_points import CrashPoints
 from worker.pipeline.handler import BatchOutcome
 from worker.topics import Topic
 
-Task = Callable[[Settings, RunKey, int], Coroutine[Any, Any, RunResult]]
-"""One attempt of a run: settings, the run, the attempt number."""
+log = logging.getLogger(__name__)
 
-TASKS: Mapping[str, Task] = {"backup": run_backup}
+TASKS = ("backup", "retention")
+"""The tasks this version runs (a run's task may name one table: ``retention:<table>``)."""
 
 
 @dataclass(frozen=True)
@@ -56,24 +59,42 @@ def ledger(engine: AsyncEngine, settings: Settings) -> Ledger:
 
 
 async def perform(
-    engine: AsyncEngine, settings: Settings, run: RunKey, *, dry_run: bool = False
+    engine: AsyncEngine,
+    settings: Settings,
+    run: RunKey,
+    crash_points: CrashPoints | None = None,
 ) -> RunOutcome:
     """Do ``run`` once (or settle on its outcome elsewhere): the handler's and the CLI's path."""
-    task = TASKS[run.task]
-    return await run_once(
-        ledger(engine, settings), run, partial(task, settings, run), dry_run=dry_run
-    )
+    runs = ledger(engine, settings)
+    points = crash_points or CrashPoints.disarmed()
+
+    async def work(attempt: int) -> RunResult:
+        if run.task == "backup":
+            return await run_backup(settings, run, attempt)
+        note = partial(runs.note, run, attempt)
+        return await run_retention(settings, run, attempt, note=note, crash_points=points)
+
+    return await run_once(runs, run, work)
+
+
+async def rehearse(settings: Settings, order: MaintenanceOrder) -> None:
+    """A dry run: say what the run would do, change nothing, record nothing."""
+    if order.run.task == "backup":
+        log.info("backup dry run: nothing to count", extra={"run": str(order.run)})
+        return
+    await dry_run(settings, tables_of(order.run))
 
 
 class MaintenanceHandler:
     topic = "maintenance"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, crash_points: CrashPoints) -> None:
         self.settings = settings
+        self.crash_points = crash_points
 
     def parse(self, payload: dict[str, Any], published_at: datetime) -> MaintenanceOrder:
         request = validate(MaintenanceRequest, payload)
-        if request.task not in TASKS:
+        if request.task not in TASKS:  # a task of the schema that this version lacks
             raise UnsupportedError(f"task: {request.task!r} is not built in this version")
         moment = request.scheduled_for or published_at
         return MaintenanceOrder(
@@ -86,10 +107,10 @@ class MaintenanceHandler:
         Raises (nacking the batch) if any run failed: the redelivery of a run that
         succeeded meanwhile is a no-op.
         """
-        runs = {item.run: item for item in items}
+        orders = {(item.run, item.dry_run): item for item in items}
         # Every run ends before the batch settles: a failure of one never cancels another.
         results = await asyncio.gather(
-            *(perform(engine, self.settings, o.run, dry_run=o.dry_run) for o in runs.values()),
+            *(self._settle(engine, order) for order in orders.values()),
             return_exceptions=True,
         )
         for result in results:
@@ -97,11 +118,18 @@ class MaintenanceHandler:
                 raise result
         return BatchOutcome()
 
+    async def _settle(self, engine: AsyncEngine, order: MaintenanceOrder) -> None:
+        if order.dry_run:
+            # Outside the ledger: a rehearsal must not stand for the day's real run.
+            await rehearse(self.settings, order)
+        else:
+            await perform(engine, self.settings, order.run, self.crash_points)
+
 
 TOPIC = Topic(
     name="maintenance",
     subscription="maintenance-worker",
-    build_handler=lambda context: MaintenanceHandler(context.settings),
+    build_handler=lambda context: MaintenanceHandler(context.settings, context.crash_points),
     # One run per flush, a few flushes at once: a backup holds its flush for as long as
     # it runs, and a retention run (or a duplicate waiting on the backup) must not
     # queue behind it.

@@ -121,8 +121,16 @@ _FINISH = text(
     """
     UPDATE maintenance_runs
     SET status = :status, finished_at = now(), heartbeat_at = now(), error = :error,
-        objects = CAST(:objects AS jsonb), row_counts = CAST(:row_counts AS jsonb),
+        objects = objects || CAST(:objects AS jsonb), row_counts = CAST(:row_counts AS jsonb),
         details = CAST(:details AS jsonb)
+    WHERE task = :task AND run_day = :day AND attempt = :attempt AND status = 'running'
+    """
+)
+
+_NOTE = text(
+    """
+    UPDATE maintenance_runs SET objects = objects || CAST(:objects AS jsonb),
+        heartbeat_at = now()
     WHERE task = :task AND run_day = :day AND attempt = :attempt AND status = 'running'
     """
 )
@@ -205,6 +213,12 @@ class Ledger:
         async with transaction(self.engine) as conn:
             result = await conn.execute(_HEARTBEAT, params)
         return result.rowcount == 1
+
+    async def note(self, key: RunKey, attempt: int, objects: list[dict[str, Any]]) -> None:
+        """Add ``objects`` to the run's record while it runs (retention: each chunk)."""
+        params = {**self._key(key), "attempt": attempt, "objects": json.dumps(objects)}
+        async with transaction(self.engine) as conn:
+            await conn.execute(_NOTE, params)
 
     async def finish(
         self, key: RunKey, attempt: int, result: RunResult | None, error: str | None

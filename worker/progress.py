@@ -29,8 +29,10 @@ class Progress:
         stream: TextIO | None = None,
         log_every_s: float = 10.0,
         draw_every_s: float = 0.5,
+        unit: str = "bytes",
     ) -> None:
         self.step = step
+        self.unit = unit
         self.total_bytes = total_bytes
         self.done_bytes = 0
         self._stream = stream if stream is not None else sys.stderr
@@ -57,6 +59,9 @@ class Progress:
         self._show(final=True)
 
     def _show(self, *, final: bool) -> None:
+        if self.unit != "bytes":
+            self._show_count(final=final)
+            return
         rate = self.rate_mib_per_s()
         if self._terminal:
             of = f" of {_mib(self.total_bytes)}" if self.total_bytes else ""
@@ -71,6 +76,24 @@ class Progress:
                 "bytes": self.done_bytes,
                 "total_bytes": self.total_bytes,
                 "mib_per_s": round(rate, 1),
+                "seconds": round(self.seconds, 1),
+            },
+        )
+
+    def _show_count(self, *, final: bool) -> None:
+        """Progress in items (rows), not bytes."""
+        rate = self.done_bytes / max(self.seconds, 1e-9)
+        if self._terminal:
+            line = f"{self.step}: {self.done_bytes:,} {self.unit}  {rate:,.0f} {self.unit}/s"
+            self._stream.write(f"\r{line}\x1b[K" + ("\n" if final else ""))
+            self._stream.flush()
+            return
+        log.info(
+            f"{self.step} {'done' if final else 'in progress'}",
+            extra={
+                "step": self.step,
+                self.unit: self.done_bytes,
+                f"{self.unit}_per_s": round(rate, 1),
                 "seconds": round(self.seconds, 1),
             },
         )

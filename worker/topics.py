@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from worker.config import Settings
 from worker.pipeline.batching import BatchSettings
+from worker.pipeline.crash_points import CrashPoints
 from worker.pipeline.handler import Handler
 from worker.pubsub import names
 
@@ -33,6 +34,9 @@ class HandlerContext(Protocol):
 
     @property
     def cache(self) -> Cache: ...
+
+    @property
+    def crash_points(self) -> CrashPoints: ...
 
 
 StartHook = Callable[[AsyncEngine], Awaitable[None]]

@@ -74,8 +74,8 @@ def months_from(year: int, month: int, count: int) -> list[tuple[int, int]]:
 
 async def test_head_matches_the_models(database_url: str, engine: AsyncEngine) -> None:
     assert await tables(engine) >= OUR_TABLES
-    assert await scalar(engine, "SELECT version_num FROM alembic_version") == "0002"
-    assert head_revision() == "0002"
+    assert await scalar(engine, "SELECT version_num FROM alembic_version") == "0003"
+    assert head_revision() == "0003"
     await alembic_check(database_url)
 
 

@@ -12,7 +12,8 @@ from handlers.maintenance import MaintenanceHandler
 from handlers.maintenance_runs import RunKey
 from schemas.backups import BackupManifest, Verification
 from worker.config import Settings
-from worker.exceptions import MaintenanceError, SchemaViolationError, UnsupportedError
+from worker.exceptions import MaintenanceError, SchemaViolationError
+from worker.pipeline.crash_points import CrashPoints
 from worker.storage.objects import ObjectInfo
 from worker.storage.postgres_tools import Connection, parse_major, require_dump_compatible
 
@@ -58,19 +59,19 @@ def test_passwords_never_reach_the_command_line() -> None:
 def test_a_run_is_the_task_and_the_utc_day(
     payload: dict[str, object], published: str | None, day: str
 ) -> None:
-    handler = MaintenanceHandler(Settings())
+    handler = MaintenanceHandler(Settings(), CrashPoints.disarmed())
     at = datetime.fromisoformat(published or "2030-01-01T12:00:00+00:00")
     order = handler.parse(payload, at)
     assert order.run == RunKey("backup", datetime.fromisoformat(day).date())
 
 
-def test_unknown_tasks_are_refused_and_unbuilt_ones_dead_lettered_as_unsupported() -> None:
-    handler = MaintenanceHandler(Settings())
+def test_unknown_tasks_are_refused_and_dry_runs_kept_apart() -> None:
+    handler = MaintenanceHandler(Settings(), CrashPoints.disarmed())
     now = datetime.now(UTC)
     with pytest.raises(SchemaViolationError, match="task"):
         handler.parse({"task": "vacuum"}, now)
-    with pytest.raises(UnsupportedError, match="retention"):
-        handler.parse({"task": "retention"}, now)
+    order = handler.parse({"task": "retention", "dry_run": True}, now)
+    assert order.dry_run and order.run == RunKey("retention", now.date())
 
 
 def test_the_stale_time_must_exceed_two_heartbeats() -> None:

@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     from worker.cli import backup
 
     backup.add_parser(commands)
+    from worker.cli import retention
+
+    retention.add_parsers(commands)
     return parser
 
 
@@ -171,6 +174,18 @@ async def _backup(args: argparse.Namespace, settings: Settings, registry: Regist
     return await backup.command(args, settings)
 
 
+async def _retention(args: argparse.Namespace, settings: Settings, registry: Registry) -> int:
+    from worker.cli import retention
+
+    return await retention.retention(args, settings)
+
+
+async def _archive(args: argparse.Namespace, settings: Settings, registry: Registry) -> int:
+    from worker.cli import retention
+
+    return await retention.archive(args, settings)
+
+
 COMMANDS: dict[str, Command] = {
     "migrate": _migrate,
     "downgrade": _downgrade,
@@ -179,6 +194,8 @@ COMMANDS: dict[str, Command] = {
     "serve": _serve,
     "run": _run,
     "backup": _backup,
+    "retention": _retention,
+    "archive": _archive,
 }
 
 

@@ -5,7 +5,9 @@ kills rarely land in the narrow windows that matter, so ``WORKER_CRASH_AT`` name
 
 - ``before_commit``: a handler's statements ran, its transaction is not committed;
 - ``after_commit``: the batch committed, its cache invalidations are not published;
-- ``after_publish``: the invalidations are published, the messages are not acked.
+- ``after_publish``: the invalidations are published, the messages are not acked;
+- ``retention_after_export|after_verify|after_delete|before_ledger``: the steps of a
+  retention chunk (``handlers.retention.sweep``).
 
 ``WORKER_CRASH_AT=after_commit:3`` kills on the third time the point is reached (the
 count is per process). The variable is read once, at ``run``/``serve`` start-up; unset,
@@ -33,6 +35,12 @@ class CrashPoint(enum.Enum):
     BEFORE_COMMIT = "before_commit"
     AFTER_COMMIT = "after_commit"
     AFTER_PUBLISH = "after_publish"
+    # A retention chunk (handlers/retention): its object and manifest are written; read
+    # back and checked; its rows deleted (not committed); committed, ledger not noted.
+    RETENTION_AFTER_EXPORT = "retention_after_export"
+    RETENTION_AFTER_VERIFY = "retention_after_verify"
+    RETENTION_AFTER_DELETE = "retention_after_delete"
+    RETENTION_BEFORE_LEDGER = "retention_before_ledger"
 
 
 def _sigkill() -> None:

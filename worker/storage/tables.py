@@ -67,6 +67,13 @@ backfill_jobs = Table(
     Index("idx_backfill_status", "status"),
     Index("idx_backfill_started", text("started_at DESC")),
     Index("idx_backfill_job_type", "job_type"),
+    # Retention's order over finished jobs: oldest last update first.
+    Index(
+        "idx_backfill_finished",
+        "status_event_at",
+        "id",
+        postgresql_where=text("status IN ('completed', 'failed')"),
+    ),
 )
 
 insight_feedback = Table(
@@ -92,6 +99,8 @@ insight_feedback = Table(
     Index("idx_feedback_insight", "insight_id"),
     Index("idx_feedback_user", "user_id"),
     Index("idx_feedback_created", text("created_at DESC")),
+    # Retention's order: oldest update first.
+    Index("idx_feedback_updated", "updated_at", "id"),
 )
 
 # Partitioned by month on "timestamp" (see the migration): the primary key must then
@@ -119,6 +128,7 @@ system_metric_ids = Table(
     Column("id", UUID(as_uuid=True), primary_key=True),
     # Kept so that retention can forget the identities of the samples it archived.
     Column("timestamp", TZ, nullable=False),
+    Index("idx_metric_ids_timestamp", "timestamp"),
 )
 
 
@@ -128,7 +138,8 @@ system_metric_ids = Table(
 maintenance_runs = Table(
     "maintenance_runs",
     metadata,
-    Column("task", String(20), nullable=False),
+    # "backup", "retention", or "retention:<table>" (a run of one table, from the CLI).
+    Column("task", String(50), nullable=False),
     Column("run_day", Date, nullable=False),
     Column("status", String(20), nullable=False),
     Column("attempt", Integer, nullable=False),
@@ -147,4 +158,29 @@ maintenance_runs = Table(
     PrimaryKeyConstraint("task", "run_day", name="pk_maintenance_runs"),
     CheckConstraint("status IN ('running', 'succeeded', 'failed')", name="status_known"),
     CheckConstraint("attempt >= 1", name="attempt_positive"),
+)
+
+
+# One row per archive object whose rows left their table: inserted in the transaction
+# that deletes them (or drops their partition), so "the rows are gone" and "their
+# object is the archive" commit together. An object in the store without a row here
+# (or with ``state`` not ``archived``) was left by an interrupted run: its rows are
+# still in their table, and the next run deletes it before anything else.
+archive_chunks = Table(
+    "archive_chunks",
+    metadata,
+    Column("object_key", Text, nullable=False),
+    Column("table_name", String(63), nullable=False),
+    Column("state", String(20), nullable=False),
+    Column("rows", Integer, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("first_key", Text, nullable=False),
+    Column("last_key", Text, nullable=False),
+    Column("first_at", TZ, nullable=False),
+    Column("last_at", TZ, nullable=False),
+    Column("run", Text, nullable=False),
+    Column("archived_at", TZ, nullable=False, server_default=text("now()")),
+    PrimaryKeyConstraint("object_key", name="pk_archive_chunks"),
+    CheckConstraint("state IN ('exported', 'archived')", name="state_known"),
+    Index("idx_archive_chunks_table_time", "table_name", "first_at"),
 )

@@ -1,0 +1,122 @@
+"""Whole metrics months past the window: exported chunk by chunk, then dropped.
+
+Every row of such a month is older than the window, so ingestion never writes to it
+again (``expired``), and it can be read without locks. Its chunks are exported, read
+back and recorded as ``exported``; then one transaction detaches and drops the
+partition and marks them ``archived``. A crash before that commit leaves the month in
+place and its objects unrecorded-as-archived: the next run deletes them and starts the
+month again.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+from handlers.retention.sweep import Sweep, export_rows, record, summary
+from handlers.retention.tables import METRICS
+from worker.exceptions import MaintenanceError
+from worker.pipeline.crash_points import CrashPoint
+from worker.progress import Progress
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"\Asystem_metrics_y(\d{4})m(\d{2})\Z")
+PARTITIONS_SQL = """
+SELECT c.relname FROM pg_inherits i
+JOIN pg_class c ON c.oid = i.inhrelid
+WHERE i.inhparent = 'system_metrics'::regclass
+ORDER BY 1
+"""
+# DETACH takes an exclusive lock on system_metrics: never queue behind a long
+# transaction (and block ingestion behind us) for more than this.
+LOCK_TIMEOUT = "5s"
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def month_bounds(name: str) -> tuple[datetime, datetime] | None:
+    """The [start, end) of a partition named by ``ensure_system_metrics_partition``."""
+    match = _NAME.match(name)
+    if match is None:
+        return None
+    year, month = int(match.group(1)), int(match.group(2))
+    start = datetime(year, month, 1, tzinfo=UTC)
+    end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
+    return start, end
+
+
+async def months_before(conn: Any, cutoff: datetime) -> list[tuple[str, datetime, datetime]]:
+    """The partitions whose every row is older than ``cutoff``, oldest first."""
+    months = []
+    for row in await conn.fetch(PARTITIONS_SQL):
+        bounds = month_bounds(row["relname"])
+        if bounds is not None and bounds[1] <= cutoff:
+            months.append((row["relname"], *bounds))
+    return sorted(months, key=lambda m: m[1])
+
+
+async def archive_month(conn: Any, sweep: Sweep, name: str) -> int:
+    """Export partition ``name`` whole, then drop it; how many rows left."""
+    table = _quoted(name)
+    chunks_sql = (
+        f'SELECT "timestamp" AS at, id FROM {table} WHERE ("timestamp", id) > ($1, $2)'
+        ' ORDER BY "timestamp", id LIMIT $3'
+    )
+    lines_sql = (
+        f"SELECT {METRICS.line_sql} FROM {table}"
+        ' WHERE ("timestamp", id) BETWEEN ($1, $2) AND ($3, $4) ORDER BY "timestamp", id'
+    )
+    after: tuple[Any, Any] = (datetime(1, 1, 1, tzinfo=UTC), "00000000-0000-0000-0000-000000000000")
+    exported = []
+    progress = Progress(f"retention {name}", unit="rows")
+    while rows := await conn.fetch(chunks_sql, *after, sweep.chunk_rows):
+        first, last = (rows[0]["at"], rows[0]["id"]), (rows[-1]["at"], rows[-1]["id"])
+        chunk = await export_rows(conn, sweep, METRICS, lines_sql, (*first, *last), (first, last))
+        if chunk.manifest.rows != len(rows):
+            raise MaintenanceError(f"{name}: {chunk.manifest.rows} lines for {len(rows)} rows")
+        await record(conn, chunk, "exported")
+        exported.append(chunk)
+        progress.advance(len(rows))
+        after = last
+    total = sum(c.manifest.rows for c in exported)
+    async with conn.transaction():
+        await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+        present = await conn.fetchval(f"SELECT count(*) FROM {table}")
+        if present != total:
+            raise MaintenanceError(f"{name}: {present} rows now, {total} exported: not dropped")
+        await conn.execute(f"ALTER TABLE system_metrics DETACH PARTITION {table}")
+        await conn.execute(f"DROP TABLE {table}")
+        await conn.execute(
+            "UPDATE archive_chunks SET state = 'archived', archived_at = now()"
+            " WHERE object_key = ANY($1::text[])",
+            [c.key for c in exported],
+        )
+        sweep.crash_points.reach(CrashPoint.RETENTION_AFTER_DELETE)
+    sweep.crash_points.reach(CrashPoint.RETENTION_BEFORE_LEDGER)
+    await sweep.note([summary(c) for c in exported] + [{"dropped_partition": name}])
+    sweep.count(METRICS.name, total)
+    progress.finish()
+    log.info("retention dropped a month", extra={"partition": name, "rows": total})
+    return total
+
+
+async def forget_identities(conn: Any, before: datetime, batch: int = 50_000) -> int:
+    """Delete the identities of samples older than ``before`` (all archived by now), in
+    batches that never hold many locks at once."""
+    total = 0
+    while True:
+        status = await conn.execute(
+            "DELETE FROM system_metric_ids WHERE ctid = ANY(ARRAY("
+            ' SELECT ctid FROM system_metric_ids WHERE "timestamp" < $1 LIMIT $2))',
+            before,
+            batch,
+        )
+        deleted = int(status.split()[-1])
+        total += deleted
+        if deleted < batch:
+            return total
