@@ -42,9 +42,7 @@ def upgrade() -> None:
             "state IN ('exported', 'archived')", name="ck_archive_chunks_state_known"
         ),
     )
-    op.create_index(
-        "idx_archive_chunks_table_time", "archive_chunks", ["table_name", "first_at"]
-    )
+    op.create_index("idx_archive_chunks_table_time", "archive_chunks", ["table_name", "first_at"])
     op.create_index("idx_metric_ids_timestamp", "system_metric_ids", ["timestamp"])
     op.create_index("idx_feedback_updated", "insight_feedback", ["updated_at", "id"])
     op.create_index(
