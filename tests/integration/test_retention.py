@@ -75,16 +75,16 @@ async def _ids(database_url: str, table: str) -> set[str]:
         return {str(r["id"]) for r in await conn.fetch(f"SELECT id FROM {table}")}
 
 
-async def _seed_edges(database_url: str) -> dict[str, dict[str, str]]:
-    """For each table, a row one second past its window and one a second inside."""
+async def _seed_edges(database_url: str, margin: timedelta = SECOND) -> dict[str, dict[str, str]]:
+    """For each table, a row ``margin`` past its window and one ``margin`` inside."""
     edges: dict[str, dict[str, str]] = {}
     metric_cut = NOW - timedelta(days=90)
     feedback_cut = NOW - timedelta(days=730)
     job_cut = NOW - timedelta(days=180)
     async with inventory.connect(database_url) as conn:
-        await conn.execute("SELECT ensure_system_metrics_partition($1)", metric_cut - SECOND)
-        await conn.execute("SELECT ensure_system_metrics_partition($1)", metric_cut + SECOND)
-        for name, at in (("out", metric_cut - SECOND), ("in", metric_cut + SECOND)):
+        await conn.execute("SELECT ensure_system_metrics_partition($1)", metric_cut - margin)
+        await conn.execute("SELECT ensure_system_metrics_partition($1)", metric_cut + margin)
+        for name, at in (("out", metric_cut - margin), ("in", metric_cut + margin)):
             row_id = uuid.uuid4()
             await conn.execute(
                 "INSERT INTO system_metrics (id, service_name, metric_type, metric_value, unit,"
@@ -97,7 +97,7 @@ async def _seed_edges(database_url: str) -> dict[str, dict[str, str]]:
                 'INSERT INTO system_metric_ids (id, "timestamp") VALUES ($1, $2)', row_id, at
             )
             edges.setdefault(METRICS.name, {})[name] = str(row_id)
-        for name, at in (("out", feedback_cut - SECOND), ("in", feedback_cut + SECOND)):
+        for name, at in (("out", feedback_cut - margin), ("in", feedback_cut + margin)):
             row_id = uuid.uuid4()
             await conn.execute(
                 "INSERT INTO insight_feedback (id, insight_id, user_id, rating, created_at,"
@@ -108,8 +108,8 @@ async def _seed_edges(database_url: str) -> dict[str, dict[str, str]]:
             )
             edges.setdefault(FEEDBACK.name, {})[name] = str(row_id)
         for name, status, at in (
-            ("out", "completed", job_cut - SECOND),
-            ("in", "failed", job_cut + SECOND),
+            ("out", "completed", job_cut - margin),
+            ("in", "failed", job_cut + margin),
             ("running", "running", job_cut - timedelta(days=300)),
             ("paused", "paused", job_cut - timedelta(days=300)),
         ):
