@@ -49,13 +49,6 @@ class SchemaViolationError(PermanentError):
     reason = "schema_violation"
 
 
-class UnsupportedError(PermanentError):
-    """A valid request for something this version cannot do (a maintenance task not
-    built yet): dead-lettered, so it can be replayed once it is."""
-
-    reason = "unsupported"
-
-
 class ExpiredError(PermanentError):
     """An event older than its table's retention window: applying it would recreate a
     row that retention archived (CONTRACT.md, Retention and archives)."""
