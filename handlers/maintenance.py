@@ -37,6 +37,7 @@ from worker.topics import Topic
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class MaintenanceOrder:
     """A validated request: the run it asks for."""

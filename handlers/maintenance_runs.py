@@ -94,7 +94,7 @@ _CLAIM = text(
     ON CONFLICT ON CONSTRAINT pk_maintenance_runs DO UPDATE
     SET status = 'running', attempt = r.attempt + 1, owner = excluded.owner,
         dry_run = excluded.dry_run, started_at = now(), heartbeat_at = now(),
-        finished_at = NULL, error = NULL, objects = '[]', row_counts = '{}', details = '{}'
+        finished_at = NULL, error = NULL, row_counts = '{}', details = '{}'
     WHERE r.status = 'failed'
        OR (r.status = 'running' AND r.heartbeat_at < now() - make_interval(secs => :stale_s))
     RETURNING attempt
@@ -121,8 +121,10 @@ _FINISH = text(
     """
     UPDATE maintenance_runs
     SET status = :status, finished_at = now(), heartbeat_at = now(), error = :error,
-        objects = objects || CAST(:objects AS jsonb), row_counts = CAST(:row_counts AS jsonb),
-        details = CAST(:details AS jsonb)
+        -- A failure keeps what the attempt noted (retention's chunks stay archived);
+        -- a success states the run's whole result, over every attempt.
+        objects = CASE WHEN :failed THEN objects ELSE CAST(:objects AS jsonb) END,
+        row_counts = CAST(:row_counts AS jsonb), details = CAST(:details AS jsonb)
     WHERE task = :task AND run_day = :day AND attempt = :attempt AND status = 'running'
     """
 )
@@ -229,6 +231,7 @@ class Ledger:
             **self._key(key),
             "attempt": attempt,
             "status": "failed" if error is not None else "succeeded",
+            "failed": error is not None,
             "error": None if error is None else error[:4000],
             "objects": json.dumps(done.objects),
             "row_counts": json.dumps(done.row_counts),

@@ -64,9 +64,37 @@ async def run_retention(
             sweep = Sweep(store, f"{run} attempt {attempt}", note, crash_points)
             for table in tables_of(run):
                 await _archive_table(conn, sweep, table, cutoff(table, settings, moment))
+            objects, row_counts = await _archived_by(conn, store, run)
     finally:
         store.close()
-    return RunResult(row_counts=sweep.archived, details={"unrecorded_objects_removed": swept})
+    details = {"unrecorded_objects_removed": swept, "this_attempt": sweep.archived}
+    return RunResult(objects=objects, row_counts=row_counts, details=details)
+
+
+ARCHIVED_BY_RUN = """
+SELECT object_key, table_name, rows, sha256 FROM archive_chunks
+WHERE state = 'archived' AND starts_with(run, $1) ORDER BY table_name, first_at
+"""
+
+
+async def _archived_by(
+    conn: Any, store: ObjectStore, run: RunKey
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Every object the run archived, over all its attempts (an attempt killed after a
+    commit archived rows too), and the rows per table: what the ledger records."""
+    objects: list[dict[str, Any]] = []
+    counts: dict[str, int] = {}
+    for row in await conn.fetch(ARCHIVED_BY_RUN, f"{run} attempt "):
+        objects.append(
+            {
+                "uri": store.uri(row["object_key"]),
+                "table": row["table_name"],
+                "rows": row["rows"],
+                "sha256": row["sha256"],
+            }
+        )
+        counts[row["table_name"]] = counts.get(row["table_name"], 0) + int(row["rows"])
+    return objects, counts
 
 
 async def _archive_table(conn: Any, sweep: Sweep, table: TableSpec, before: datetime) -> None:
