@@ -96,6 +96,7 @@ def run_round(seed: int, messages: int, selection: str) -> tuple[int, list[str]]
     """One pytest run of the selected scenarios; its exit code and output lines, the
     verdict lines echoed as they come."""
     env = {**os.environ, "FAULT_SEED": str(seed), "FAULT_MESSAGES": str(messages)}
+    env["FAULT_SOAK"] = "1"  # scenarios may add cases that `make test` leaves out
     command = [
         sys.executable,
         "-m",
