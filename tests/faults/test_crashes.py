@@ -43,7 +43,7 @@ from tests.faults.processes import Processes, WorkerProcess, worker_environment
 from tests.faults.scenario import Scenario
 from tests.support.topics import INGEST_TOPICS
 from worker.config import Settings
-from worker.pipeline.crash_points import CrashPoint
+from worker.pipeline.crash_points import PIPELINE_POINTS, CrashPoint
 from worker.pubsub.client import PubSub
 
 SEED = int(os.environ.get("FAULT_SEED", "20261122"))
@@ -137,7 +137,7 @@ class Crash:
 def crash_plan(rng: random.Random) -> list[Crash]:
     """Three SIGKILLs and the three crash points (each on its 1st to 3rd batch there),
     in a seeded order, with seeded gaps."""
-    kinds: list[CrashPoint | None] = [None, None, None, *CrashPoint]
+    kinds: list[CrashPoint | None] = [None, None, None, *PIPELINE_POINTS]
     rng.shuffle(kinds)
     return [Crash(point, rng.randint(1, 3), rng.uniform(*CRASH_GAP_S)) for point in kinds]
 
@@ -229,7 +229,7 @@ async def test_scenario_worker_sigkilled_and_crashing_at_each_crash_point(
     verdict = await scenario.verdict()
     assert_alive(worker)
     verdict.assert_ok()
-    assert set(crashed) == set(CrashPoint)
+    assert set(crashed) == set(PIPELINE_POINTS)
     # Killed after its commit and before any ack: what it committed stayed committed
     # (the database changed while only it ran), and its messages came back to the next
     # worker, which applied them again with no second effect (the verdict's 0 doubled).

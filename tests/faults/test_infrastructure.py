@@ -24,7 +24,7 @@ from tests.faults.redis_server import RedisServer
 from tests.support.topics import REGISTRY
 from worker import exceptions as exc
 from worker.config import Settings
-from worker.pipeline.crash_points import CrashPoint, CrashPoints
+from worker.pipeline.crash_points import PIPELINE_POINTS, CrashPoint, CrashPoints
 from worker.pubsub.client import PubSub, PubsubMessage
 from worker.storage.database import create_engine, driver_connection, transaction, translate
 
@@ -293,7 +293,7 @@ async def test_a_push_server_process_starts_and_is_killed(
     assert await server.kill() == SIGKILLED
 
 
-@pytest.mark.parametrize("point", list(CrashPoint))
+@pytest.mark.parametrize("point", PIPELINE_POINTS)
 async def test_a_crash_point_kills_the_worker_where_it_says(
     point: CrashPoint,
     fault_postgres: PostgresCluster,

@@ -43,6 +43,18 @@ class CrashPoint(enum.Enum):
     RETENTION_BEFORE_LEDGER = "retention_before_ledger"
 
 
+PIPELINE_POINTS = (CrashPoint.BEFORE_COMMIT, CrashPoint.AFTER_COMMIT, CrashPoint.AFTER_PUBLISH)
+"""The points of a batch's way through a pipeline (every topic reaches them)."""
+
+RETENTION_POINTS = (
+    CrashPoint.RETENTION_AFTER_EXPORT,
+    CrashPoint.RETENTION_AFTER_VERIFY,
+    CrashPoint.RETENTION_AFTER_DELETE,
+    CrashPoint.RETENTION_BEFORE_LEDGER,
+)
+"""The points of a retention chunk (only a retention run reaches them)."""
+
+
 def _sigkill() -> None:
     # SIGKILL, not an exception or exit(): nothing may run after this point (no
     # rollback, no finally, no ack flush), exactly as when the machine loses the process.
