@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import sys
 
-from bench import backup, common, drain, ingest, invalidation, push, read, stack, store
+from bench import (
+    backup,
+    common,
+    drain,
+    ingest,
+    invalidation,
+    push,
+    read,
+    retention,
+    stack,
+    store,
+)
 from worker.cli.main import run_async
 
 SCENARIOS = {
@@ -17,6 +28,7 @@ SCENARIOS = {
     "invalidation": invalidation.run,
     "push": push.run,
     "backup": backup.run,
+    "retention": retention.run,
 }
 
 

@@ -1,0 +1,293 @@
+"""Scenario ``retention``: ``utxoiq-worker retention run --table system_metrics`` on 2M rows.
+
+The data (``bench.retention_data``): 2M ``system_metrics`` rows past the 90-day window
+in a scratch database, 1.6M in four whole months (exported, partitions dropped) and
+0.4M in the month of the cutoff (chunked DELETE), with 100k rows in the window that
+stay; frozen, analysed and checkpointed before anything is timed. Figures, each with
+its baseline measured in the same run:
+
+- ``archive_rows_per_s``: rows archived (``count(*)`` before minus after) over the
+  wall time of ``python -m worker retention run --table system_metrics`` (its start,
+  imports and ledger included; ``ARCHIVE_URL`` a ``file://`` temporary directory),
+  against ``copy_to_devnull_rows_per_s``: the same rows' archive lines,
+  ``COPY (SELECT <METRICS.line_sql> FROM system_metrics WHERE "timestamp" < cutoff)
+  TO STDOUT`` with the worker's CSV options and time zone, in one statement, no ORDER
+  BY, read by asyncpg ``copy_from_query`` into a callback that drops the bytes: rows
+  from COPY's status over its wall time. Same data, cache warm for both (the vacuum
+  read every page). Goal: ratio >= 0.5;
+- ``peak_rss_mb``: ``ru_maxrss`` of ``os.wait4`` on that run. Goal: <= 150 MB;
+- ``p99_ms`` (and ``p50_ms``): publish-to-commit latency (publisher's clock before the
+  publish call to the row being seen committed, polled every 5 ms) of one-sample
+  metrics messages offered at 500 msg/s for 20 s to a running ``worker run --only
+  metrics`` while a retention run works, against ``p99_ms_without_retention`` (and
+  ``p50_ms_without_retention``): the same offer for the 20 s just before, no run.
+  Both follow a 3 s unmeasured warm-up. For this part the database is seeded again:
+  one whole month of 100k rows and the cutoff's month's 800k, so that the window,
+  from the run taking its advisory lock, holds a partition's export and DETACH/DROP,
+  then chunked deletes; the run must still be deleting when the window ends (checked).
+
+Progress, and where the worker's run spent its time (from its log events), go to stderr.
+The scenario takes 3 to 4 minutes on 2 cores, most of it seeding and the runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+
+from bench.backup import WorkerRun, run_worker
+from bench.common import _as_admin, asyncpg_dsn, fresh_database, report
+from bench.retention_data import ARCHIVED_ROWS, WINDOW_DAYS, Layout, say, seed
+from bench.stack import bench_settings, fresh_topology, start_worker, stop_process
+from handlers.retention.sweep import COPY_OPTIONS
+from handlers.retention.tables import METRICS
+from handlers.retention.task import RUN_LOCK
+from worker.config import Settings
+from worker.pubsub.client import PubSub, PubsubMessage
+
+SCENARIO = "retention"
+DATABASE = "utxoiq_bench_retention"
+RATE_PER_S = 500
+DURATION_S = 20
+WARMUP_S = 3
+TICK_S = 0.01
+# The ingestion part's data: one whole month of these rows, and the cutoff's month's.
+INGEST_MONTH_ROWS = 100_000
+INGEST_PARTIAL_ROWS = 800_000
+RUN_ARGS = ("retention", "run", "--table", "system_metrics")
+LOCK_SQL = """SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted
+AND classid = $1::bigint::oid AND objid = $2::bigint::oid AND objsubid = 1"""
+PAST_SQL = 'SELECT count(*) FROM system_metrics WHERE "timestamp" < $1'
+
+
+async def copy_to_devnull(settings: Settings, cutoff: datetime) -> float:
+    """The baseline: the archive lines of every row before ``cutoff`` by one COPY,
+    dropped as they arrive; rows/s."""
+    conn = await asyncpg.connect(asyncpg_dsn(settings))
+    try:
+        await conn.execute("SET TIME ZONE 'UTC'")
+
+        async def drop(_data: bytes) -> None:
+            pass
+
+        query = f'SELECT {METRICS.line_sql} FROM system_metrics WHERE "timestamp" < $1'
+        started = time.perf_counter()
+        status = await conn.copy_from_query(query, cutoff, output=drop, **COPY_OPTIONS)
+        seconds = time.perf_counter() - started
+    finally:
+        await conn.close()
+    rows = int(status.split()[-1])
+    if rows != ARCHIVED_ROWS:
+        raise RuntimeError(f"COPY read {rows} rows, {ARCHIVED_ROWS} seeded past the cutoff")
+    say(f"COPY to nowhere: {rows:,} rows in {seconds:.1f} s")
+    return rows / seconds
+
+
+def worker_env(settings: Settings, archive: Path) -> dict[str, str]:
+    env = {**os.environ, "DATABASE_URL": settings.database_url, "LOG_LEVEL": "INFO"}
+    env["ARCHIVE_URL"] = archive.as_uri()
+    return env
+
+
+async def forget_runs(settings: Settings) -> None:
+    """Today's run is done once: forget it, or the next run is a no-op."""
+    conn = await asyncpg.connect(asyncpg_dsn(settings))
+    try:
+        await conn.execute("DELETE FROM maintenance_runs")
+    finally:
+        await conn.close()
+
+
+def _at(run: WorkerRun, message: str) -> datetime:
+    return datetime.fromisoformat(str(run.event(message)["time"]))
+
+
+def say_breakdown(run: WorkerRun, spawned: datetime, ended: datetime) -> None:
+    """Where the run's wall time went, from the times of its log events."""
+    started = _at(run, "maintenance run started")
+    dropped = "retention dropped a month"
+    months_done = _at(run, dropped) if dropped in run.events else started
+    swept = _at(run, "retention archived rows")
+    finished = _at(run, "maintenance run succeeded")
+    parts = {
+        "start-up": started - spawned,
+        "whole months": months_done - started,
+        "chunked deletes": swept - months_done,
+        "identities, ledger": finished - swept,
+        "exit": ended - finished,
+    }
+    say("run breakdown: " + ", ".join(f"{k} {v.total_seconds():.1f} s" for k, v in parts.items()))
+
+
+async def count(settings: Settings, sql: str, *args: object) -> int:
+    conn = await asyncpg.connect(asyncpg_dsn(settings))
+    try:
+        return int(await conn.fetchval(sql, *args))
+    finally:
+        await conn.close()
+
+
+async def past_rows(settings: Settings) -> int:
+    """Rows past the window now."""
+    return await count(settings, PAST_SQL, datetime.now(UTC) - timedelta(days=WINDOW_DAYS))
+
+
+async def archive_run(settings: Settings, archive: Path) -> tuple[float, float]:
+    """``retention run --table system_metrics``, timed; (rows/s, peak RSS MB)."""
+    before = await count(settings, "SELECT count(*) FROM system_metrics")
+    await forget_runs(settings)
+    await _as_admin("CHECKPOINT")
+    spawned, started = datetime.now(UTC), time.perf_counter()
+    run = await asyncio.to_thread(run_worker, worker_env(settings, archive), *RUN_ARGS)
+    seconds = time.perf_counter() - started
+    archived = before - await count(settings, "SELECT count(*) FROM system_metrics")
+    if archived != ARCHIVED_ROWS or await past_rows(settings):
+        raise RuntimeError(f"{archived} rows archived of {ARCHIVED_ROWS}, or some left")
+    say(f"retention run: {archived:,} rows in {seconds:.1f} s, {run.peak_rss_mb:.0f} MB RSS")
+    say_breakdown(run, spawned, spawned + timedelta(seconds=seconds))
+    return archived / seconds, run.peak_rss_mb
+
+
+def _payload(event_id: uuid.UUID, n: int, now: datetime) -> bytes:
+    sample = {
+        "event_id": str(event_id),
+        "service_name": f"svc-{n % 16}",
+        "metric_type": ("cpu", "memory", "latency", "requests")[n % 4],
+        "metric_value": (n % 1000) / 10,
+        "unit": ("percent", "megabytes", "milliseconds", "per_second")[n % 4],
+        "timestamp": now.isoformat(),
+        "metadata": {"host": f"node-{n % 64}", "region": "us-central1", "pod": f"p-{n % 997}"},
+    }
+    return json.dumps(sample).encode()
+
+
+async def _offer(pubsub: PubSub, sent: dict[uuid.UUID, float], duration_s: float) -> None:
+    """Publish ``RATE_PER_S`` messages a second, ``TICK_S`` apart, for ``duration_s``."""
+    target, per_tick, start = pubsub.topic("metrics"), int(RATE_PER_S * TICK_S), time.monotonic()
+    for tick in range(int(duration_s / TICK_S)):
+        delay = start + tick * TICK_S - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        ids, now = [uuid.uuid4() for _ in range(per_tick)], datetime.now(UTC)
+        messages = [
+            PubsubMessage(data=_payload(i, tick * per_tick + n, now)) for n, i in enumerate(ids)
+        ]
+        stamp = time.monotonic()
+        sent.update(dict.fromkeys(ids, stamp))
+        await pubsub.publish(target, messages)
+
+
+def _offered(duration_s: float) -> int:
+    return int(RATE_PER_S * TICK_S) * int(duration_s / TICK_S)
+
+
+async def _watch(
+    dsn: str, sent: dict[uuid.UUID, float], seen: dict[uuid.UUID, float], duration_s: float
+) -> None:
+    """Note when each sent id is committed, until all are or a minute after the offer."""
+    total = _offered(duration_s)
+    conn = await asyncpg.connect(dsn)
+    try:
+        deadline = time.monotonic() + duration_s + 60
+        while len(seen) < total and time.monotonic() < deadline:
+            pending = [i for i in sent if i not in seen]
+            if pending:
+                found = await conn.fetch(
+                    "SELECT id FROM system_metric_ids WHERE id = ANY($1::uuid[])", pending
+                )
+                stamp = time.monotonic()
+                seen.update((record["id"], stamp) for record in found)
+            await asyncio.sleep(0.005)
+    finally:
+        await conn.close()
+    if len(seen) < total:
+        raise RuntimeError(f"only {len(seen)} of {total} messages were committed")
+
+
+async def latencies_ms(pubsub: PubSub, dsn: str, duration_s: float) -> list[float]:
+    """Publish-to-commit latencies of ``duration_s`` of the steady offer."""
+    sent: dict[uuid.UUID, float] = {}
+    seen: dict[uuid.UUID, float] = {}
+    await asyncio.gather(_offer(pubsub, sent, duration_s), _watch(dsn, sent, seen, duration_s))
+    return sorted((seen[i] - sent[i]) * 1000 for i in sent)
+
+
+async def _lock_taken(dsn: str, run: asyncio.Future[WorkerRun]) -> None:
+    """Return once the retention run holds its advisory lock (its work has begun)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        while not await conn.fetchval(LOCK_SQL, RUN_LOCK >> 32, RUN_LOCK & 0xFFFFFFFF):
+            if run.done():
+                run.result()  # its error, if it failed
+                raise RuntimeError("the retention run ended before it was seen to start")
+            await asyncio.sleep(0.01)
+    finally:
+        await conn.close()
+
+
+async def ingest_p99s(settings: Settings, archive: Path) -> tuple[list[float], list[float]]:
+    """Latencies of ``DURATION_S`` without a retention run, then during one."""
+    settings = bench_settings(settings)
+    dsn, pubsub = asyncpg_dsn(settings), await fresh_topology(settings)
+    worker = start_worker(settings, "--only", "metrics")
+    try:
+        await latencies_ms(pubsub, dsn, WARMUP_S)
+        idle = await latencies_ms(pubsub, dsn, DURATION_S)
+        await forget_runs(settings)
+        env = worker_env(settings, archive)
+        run = asyncio.ensure_future(asyncio.to_thread(run_worker, env, *RUN_ARGS))
+        try:
+            await _lock_taken(dsn, run)
+            during = await latencies_ms(pubsub, dsn, DURATION_S)
+            left = await past_rows(settings)
+            if run.done() or not left:
+                raise RuntimeError("the retention run was done within the window: seed more rows")
+            say(f"{left:,} rows still past the window when it ended")
+        finally:
+            await asyncio.wait([run])
+        run.result()
+    finally:
+        stop_process(worker)
+        await pubsub.close()
+    return idle, during
+
+
+def _quantile(latencies: list[float], percent: int) -> float:
+    return statistics.quantiles(latencies, n=100)[percent - 1]
+
+
+async def run() -> None:
+    settings = await fresh_database(DATABASE)
+    layout = Layout(datetime.now(UTC))
+    await seed(settings, layout, round_no=0)
+    copy_rate = await copy_to_devnull(settings, layout.cutoff)
+    with tempfile.TemporaryDirectory(prefix="utxoiq-bench-retention-") as directory:
+        rate, rss_mb = await archive_run(settings, Path(directory) / "archive")
+        report(SCENARIO, "archive_rows_per_s", rate, "copy_to_devnull_rows_per_s", copy_rate)
+        report(SCENARIO, "peak_rss_mb", rss_mb)
+        layout = Layout(datetime.now(UTC), 1, INGEST_MONTH_ROWS, INGEST_PARTIAL_ROWS)
+        await seed(settings, layout, round_no=1)
+        idle, during = await ingest_p99s(settings, Path(directory) / "archive-2")
+    for name, latencies in (("without retention", idle), ("during retention", during)):
+        say(
+            f"ingestion {name}: p50 {_quantile(latencies, 50):.1f}, p99 "
+            f"{_quantile(latencies, 99):.1f}, max {latencies[-1]:.1f} ms"
+        )
+    for percent in (50, 99):
+        without = f"p{percent}_ms_without_retention"
+        report(
+            SCENARIO,
+            f"p{percent}_ms",
+            _quantile(during, percent),
+            without,
+            _quantile(idle, percent),
+        )
