@@ -8,6 +8,7 @@ the same object over itself, never a second copy.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import zlib
 from dataclasses import dataclass
@@ -48,21 +49,31 @@ def manifest_key(key: str) -> str:
     return key + ".json"
 
 
+def gzip_lines(raw: bytes) -> bytes:
+    """``raw`` archive lines as a gzip stream (CPU-bound: call it in a thread)."""
+    compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, _GZIP_WBITS)
+    return compressor.compress(raw) + compressor.flush()
+
+
+def count_lines(data: bytes) -> int:
+    """Lines in a gzip stream of archive lines (CPU-bound: call it in a thread)."""
+    return zlib.decompress(data, 47).count(b"\n")
+
+
 class Gzipper:
-    """Compresses archive lines as COPY streams them, hashing what comes out."""
+    """Gathers archive lines as COPY streams them; ``finish`` compresses them in a
+    thread, so the event loop (heartbeats, ingestion in the same process) never waits."""
 
     def __init__(self) -> None:
-        self._compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, _GZIP_WBITS)
-        self._parts: list[bytes] = []
+        self._raw = bytearray()
         self.lines = 0
 
     async def feed(self, data: bytes) -> None:
         self.lines += data.count(b"\n")
-        self._parts.append(self._compressor.compress(data))
+        self._raw += data
 
-    def finish(self) -> bytes:
-        self._parts.append(self._compressor.flush())
-        return b"".join(self._parts)
+    async def finish(self) -> bytes:
+        return await asyncio.to_thread(gzip_lines, bytes(self._raw))
 
 
 @dataclass(frozen=True)
@@ -116,7 +127,7 @@ async def read_back(store: ObjectStore, exported: Exported) -> None:
         raise MaintenanceError(
             f"archive {uri}: sha256 is {digest}, written {exported.manifest.sha256}"
         )
-    lines = zlib.decompress(data, 47).count(b"\n")
+    lines = await asyncio.to_thread(count_lines, data)
     if lines != exported.manifest.rows:
         raise MaintenanceError(
             f"archive {uri}: {lines} lines read back, {exported.manifest.rows} written"

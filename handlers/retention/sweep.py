@@ -111,7 +111,7 @@ async def export_rows(
     """COPY the archive lines of ``lines_sql``, write them and read them back."""
     gzipper = archive.Gzipper()
     await conn.copy_from_query(lines_sql, *args, output=gzipper.feed, **COPY_OPTIONS)
-    data = gzipper.finish()
+    data = await gzipper.finish()
     exported = await archive.write(sweep.store, table, data, gzipper.lines, edges, sweep.run)
     sweep.crash_points.reach(CrashPoint.RETENTION_AFTER_EXPORT)
     await archive.read_back(sweep.store, exported)
