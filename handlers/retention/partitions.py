@@ -69,7 +69,7 @@ class MonthSplitter:
     is compressed, written and read back by a task of its own while the COPY goes on
     (at most ``AHEAD`` chunks wait), so the month is read once, in one sort."""
 
-    AHEAD = 2
+    AHEAD = 1
 
     def __init__(self, sweep: Sweep) -> None:
         self.sweep = sweep
@@ -101,7 +101,7 @@ class MonthSplitter:
 
     async def _write_all(self) -> None:
         while (raw := await self._queue.get()) is not None:
-            data = await asyncio.to_thread(archive.gzip_lines, raw)
+            data = await archive.off_loop(archive.gzip_lines, raw)
             rows = raw.count(b"\n")
             chunk = await archive.write(
                 self.sweep.store, METRICS, data, rows, _edges(raw), self.sweep.run
