@@ -10,15 +10,13 @@ the next run deletes them and starts the month again.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import re
 from datetime import UTC, datetime
 from typing import Any
-from uuid import UUID
 
 from handlers.retention import archive
+from handlers.retention.stream import ChunkSplitter
 from handlers.retention.sweep import COPY_OPTIONS, Sweep, record, summary
 from handlers.retention.tables import METRICS
 from worker.exceptions import MaintenanceError
@@ -64,85 +62,22 @@ async def months_before(conn: Any, cutoff: datetime) -> list[tuple[str, datetime
     return sorted(months, key=lambda m: m[1])
 
 
-class MonthSplitter:
-    """Cuts one ordered COPY of a month into chunks of ``chunk_rows`` lines; each chunk
-    is compressed, written and read back by a task of its own while the COPY goes on
-    (at most ``AHEAD`` chunks wait), so the month is read once, in one sort."""
-
-    AHEAD = 1
-
-    def __init__(self, sweep: Sweep) -> None:
-        self.sweep = sweep
-        self.exported: list[archive.Exported] = []
-        self._buffer = bytearray()
-        self._lines = 0
-        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(self.AHEAD)
-        self._writer = asyncio.create_task(self._write_all())
-
-    async def feed(self, data: bytes) -> None:
-        if self._writer.done():
-            self._writer.result()  # a chunk failed: stop the COPY with its error
-        self._buffer += data
-        self._lines += data.count(b"\n")
-        while self._lines >= self.sweep.chunk_rows:
-            cut = _after_line(self._buffer, self.sweep.chunk_rows)
-            await self._queue.put(bytes(self._buffer[:cut]))
-            del self._buffer[:cut]
-            self._lines -= self.sweep.chunk_rows
-
-    async def close(self) -> None:
-        if self._buffer:
-            await self._queue.put(bytes(self._buffer))
-        await self._queue.put(None)
-        await self._writer
-
-    def cancel(self) -> None:
-        self._writer.cancel()
-
-    async def _write_all(self) -> None:
-        while (raw := await self._queue.get()) is not None:
-            data = await archive.off_loop(archive.gzip_lines, raw)
-            rows = raw.count(b"\n")
-            chunk = await archive.write(
-                self.sweep.store, METRICS, data, rows, _edges(raw), self.sweep.run
-            )
-            self.sweep.crash_points.reach(CrashPoint.RETENTION_AFTER_EXPORT)
-            await archive.read_back(self.sweep.store, chunk)
-            self.sweep.crash_points.reach(CrashPoint.RETENTION_AFTER_VERIFY)
-            self.exported.append(chunk)
-
-
-def _after_line(buffer: bytearray, count: int) -> int:
-    """The offset just past the ``count``-th newline of ``buffer``."""
-    at = -1
-    for _ in range(count):
-        at = buffer.index(b"\n", at + 1)
-    return at + 1
-
-
-def _edge(line: bytes) -> tuple[datetime, UUID]:
-    parsed = json.loads(line)
-    return datetime.fromisoformat(parsed["timestamp"]), UUID(parsed["id"])
-
-
-def _edges(raw: bytes) -> tuple[tuple[datetime, UUID], tuple[datetime, UUID]]:
-    first = raw[: raw.index(b"\n")]
-    last = raw[raw.rindex(b"\n", 0, len(raw) - 1) + 1 :]
-    return _edge(first), _edge(last)
-
-
 async def archive_month(conn: Any, sweep: Sweep, name: str) -> int:
     """Export partition ``name`` whole, then drop it; how many rows left."""
     table = _quoted(name)
     lines_sql = f'SELECT {METRICS.line_sql} FROM {table} ORDER BY "timestamp", id'
     progress = Progress(f"retention {name}", unit="rows")
-    splitter = MonthSplitter(sweep)
+    exported: list[archive.Exported] = []
+
+    async def keep(chunk: archive.Exported, raw: bytes) -> None:
+        exported.append(chunk)
+
+    splitter = ChunkSplitter(sweep, keep)
     try:
         await conn.copy_from_query(lines_sql, output=splitter.feed, **COPY_OPTIONS)
         await splitter.close()
     finally:
         splitter.cancel()
-    exported = splitter.exported
     for chunk in exported:
         await record(conn, chunk, "exported")
     total = sum(c.manifest.rows for c in exported)

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from handlers.maintenance_runs import RunKey, RunResult
-from handlers.retention import chunks, partitions
+from handlers.retention import chunks, partitions, stream
 from handlers.retention.sweep import Note, Sweep, sweep_table
 from handlers.retention.tables import METRICS, TABLES, TableSpec, spec
 from worker.config import Settings
@@ -63,7 +63,8 @@ async def run_retention(
             swept = await chunks.sweep_unrecorded(conn, store)
             sweep = Sweep(store, f"{run} attempt {attempt}", note, crash_points)
             for table in tables_of(run):
-                await _archive_table(conn, sweep, table, cutoff(table, settings, moment))
+                before = cutoff(table, settings, moment)
+                await _archive_table(conn, sweep, table, before, settings.database_url)
             objects, row_counts = await _archived_by(conn, store, run)
     finally:
         store.close()
@@ -97,13 +98,18 @@ async def _archived_by(
     return objects, counts
 
 
-async def _archive_table(conn: Any, sweep: Sweep, table: TableSpec, before: datetime) -> None:
-    if table is METRICS:
-        for name, _start, _end in await partitions.months_before(conn, before):
-            await partitions.archive_month(conn, sweep, name)
-    await sweep_table(conn, sweep, table, before)
-    if table is METRICS:
-        await partitions.forget_identities(conn, before)
+async def _archive_table(
+    conn: Any, sweep: Sweep, table: TableSpec, before: datetime, database_url: str
+) -> None:
+    if table is not METRICS:
+        await sweep_table(conn, sweep, table, before)
+        return
+    for name, _start, _end in await partitions.months_before(conn, before):
+        await partitions.archive_month(conn, sweep, name)
+    # Deletes go on a second connection while the first streams the samples out.
+    async with inventory.connect(database_url) as deleter:
+        await stream.archive_older_samples(conn, deleter, sweep, before)
+    await partitions.forget_identities(conn, before)
 
 
 COUNT_SQL = """
