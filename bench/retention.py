@@ -62,7 +62,7 @@ WARMUP_S = 3
 TICK_S = 0.01
 # The ingestion part's data: one whole month of these rows, and the cutoff's month's.
 INGEST_MONTH_ROWS = 100_000
-INGEST_PARTIAL_ROWS = 800_000
+INGEST_PARTIAL_ROWS = 1_600_000  # the run must still be deleting when the window ends
 RUN_ARGS = ("retention", "run", "--table", "system_metrics")
 LOCK_SQL = """SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted
 AND classid = $1::bigint::oid AND objid = $2::bigint::oid AND objsubid = 1"""
