@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 log = logging.getLogger(__name__)
 
@@ -59,41 +59,26 @@ class Progress:
         self._show(final=True)
 
     def _show(self, *, final: bool) -> None:
-        if self.unit != "bytes":
-            self._show_count(final=final)
-            return
-        rate = self.rate_mib_per_s()
+        line, fields = self._bytes() if self.unit == "bytes" else self._count()
         if self._terminal:
-            of = f" of {_mib(self.total_bytes)}" if self.total_bytes else ""
-            line = f"{self.step}: {_mib(self.done_bytes)}{of}  {rate:,.1f} MiB/s"
-            self._stream.write(f"\r{line}\x1b[K" + ("\n" if final else ""))
+            self._stream.write(f"\r{self.step}: {line}\x1b[K" + ("\n" if final else ""))
             self._stream.flush()
             return
-        log.info(
-            f"{self.step} {'done' if final else 'in progress'}",
-            extra={
-                "step": self.step,
-                "bytes": self.done_bytes,
-                "total_bytes": self.total_bytes,
-                "mib_per_s": round(rate, 1),
-                "seconds": round(self.seconds, 1),
-            },
-        )
+        fields = {"step": self.step, **fields, "seconds": round(self.seconds, 1)}
+        log.info(f"{self.step} {'done' if final else 'in progress'}", extra=fields)
 
-    def _show_count(self, *, final: bool) -> None:
+    def _bytes(self) -> tuple[str, dict[str, Any]]:
+        rate = self.rate_mib_per_s()
+        of = f" of {_mib(self.total_bytes)}" if self.total_bytes else ""
+        fields = {
+            "bytes": self.done_bytes,
+            "total_bytes": self.total_bytes,
+            "mib_per_s": round(rate, 1),
+        }
+        return f"{_mib(self.done_bytes)}{of}  {rate:,.1f} MiB/s", fields
+
+    def _count(self) -> tuple[str, dict[str, Any]]:
         """Progress in items (rows), not bytes."""
         rate = self.done_bytes / max(self.seconds, 1e-9)
-        if self._terminal:
-            line = f"{self.step}: {self.done_bytes:,} {self.unit}  {rate:,.0f} {self.unit}/s"
-            self._stream.write(f"\r{line}\x1b[K" + ("\n" if final else ""))
-            self._stream.flush()
-            return
-        log.info(
-            f"{self.step} {'done' if final else 'in progress'}",
-            extra={
-                "step": self.step,
-                self.unit: self.done_bytes,
-                f"{self.unit}_per_s": round(rate, 1),
-                "seconds": round(self.seconds, 1),
-            },
-        )
+        fields = {self.unit: self.done_bytes, f"{self.unit}_per_s": round(rate, 1)}
+        return f"{self.done_bytes:,} {self.unit}  {rate:,.0f} {self.unit}/s", fields

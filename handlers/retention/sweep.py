@@ -1,4 +1,5 @@
-"""One table's rows past their window, archived and deleted chunk by chunk.
+"""One table's rows past their window, archived and deleted chunk by chunk (feedback
+and jobs, whose rows can change; metrics go by ``handlers.retention.stream``).
 
 Each chunk is one transaction on the maintenance connection:
 
@@ -25,7 +26,7 @@ from datetime import datetime
 from typing import Any
 
 from handlers.retention import archive
-from handlers.retention.tables import METRICS, TableSpec
+from handlers.retention.tables import TableSpec
 from worker.exceptions import MaintenanceError
 from worker.pipeline.crash_points import CrashPoint, CrashPoints
 from worker.progress import Progress
@@ -75,7 +76,6 @@ def _lines_sql(table: TableSpec) -> str:
 
 
 def _delete_sql(table: TableSpec) -> str:
-    # The age bound lets PostgreSQL skip the metrics partitions past the cutoff.
     return f'DELETE FROM {table.name} WHERE id = ANY($1::uuid[]) AND "{table.age_column}" < $2'
 
 
@@ -145,8 +145,6 @@ async def sweep_table(conn: Any, sweep: Sweep, table: TableSpec, cutoff: datetim
             deleted = await conn.execute(_delete_sql(table), ids, cutoff)
             if int(deleted.split()[-1]) != len(ids):
                 raise MaintenanceError(f"{table.name}: {deleted} for {len(ids)} locked rows")
-            if table is METRICS:
-                await conn.execute("DELETE FROM system_metric_ids WHERE id = ANY($1::uuid[])", ids)
             await record(conn, exported, "archived")
             sweep.crash_points.reach(CrashPoint.RETENTION_AFTER_DELETE)
         sweep.crash_points.reach(CrashPoint.RETENTION_BEFORE_LEDGER)
