@@ -32,7 +32,7 @@ from bench.stack import (
 )
 from worker.config import Settings
 from worker.pubsub.client import PubSub
-from worker.sources.pull import PullSettings
+from worker.sources.settings import PullSettings
 
 METRICS = 100_000
 FEEDBACK = 20_000

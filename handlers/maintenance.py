@@ -30,9 +30,9 @@ from handlers.maintenance_runs import Ledger, RunKey, RunOutcome, RunResult, run
 from handlers.retention.task import dry_run, run_retention, tables_of
 from schemas.maintenance import MaintenanceRequest
 from worker.config import Settings
-from worker.pipeline.batching import BatchSettings
 from worker.pipeline.crash_points import CrashPoints
 from worker.pipeline.handler import BatchOutcome
+from worker.pipeline.settings import BatchSettings
 from worker.topics import Topic
 
 log = logging.getLogger(__name__)

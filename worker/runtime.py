@@ -19,9 +19,10 @@ from collections.abc import Iterable
 
 from worker.config import Settings
 from worker.exceptions import WorkerError
-from worker.pipeline.batching import BatchSettings, TopicPipeline
+from worker.pipeline.batching import TopicPipeline
 from worker.pipeline.crash_points import CrashPoints
 from worker.pipeline.dead_letters import DeadLetterPublisher
+from worker.pipeline.settings import BatchSettings
 from worker.pubsub.client import PubSub
 from worker.pubsub.invalidations import InvalidationPublisher
 from worker.storage.cache import Cache, create_redis

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from worker.config import Settings
-from worker.pipeline.batching import BatchSettings
 from worker.pipeline.crash_points import CrashPoints
 from worker.pipeline.handler import Handler
+from worker.pipeline.settings import BatchSettings
 from worker.pubsub import names
 
 if TYPE_CHECKING:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from handlers.retention import archive
-from handlers.retention.stream import ChunkSplitter
+from handlers.retention.chunking import Chunk, ChunkSplitter, ordered_lines_sql
 from handlers.retention.sweep import COPY_OPTIONS, Sweep, record, summary
 from handlers.retention.tables import METRICS
 from worker.exceptions import MaintenanceError
@@ -37,7 +38,7 @@ ORDER BY 1
 LOCK_TIMEOUT = "5s"
 
 
-def _quoted(name: str) -> str:
+def quoted(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
@@ -52,24 +53,35 @@ def month_bounds(name: str) -> tuple[datetime, datetime] | None:
     return start, end
 
 
-async def months_before(conn: Any, cutoff: datetime) -> list[tuple[str, datetime, datetime]]:
-    """The partitions whose every row is older than ``cutoff``, oldest first."""
-    months = []
+@dataclass(frozen=True)
+class OlderPartitions:
+    """The partitions holding samples older than a cutoff."""
+
+    # Every row older than the cutoff, oldest first: (name, start, end).
+    whole: list[tuple[str, datetime, datetime]]
+    # Some rows older: the cutoff's month (and any partition not named by month).
+    partial: list[str]
+
+
+async def older_partitions(conn: Any, cutoff: datetime) -> OlderPartitions:
+    whole, partial = [], []
     for row in await conn.fetch(PARTITIONS_SQL):
-        bounds = month_bounds(row["relname"])
-        if bounds is not None and bounds[1] <= cutoff:
-            months.append((row["relname"], *bounds))
-    return sorted(months, key=lambda m: m[1])
+        name, bounds = row["relname"], month_bounds(row["relname"])
+        if bounds is None or bounds[0] < cutoff < bounds[1]:
+            partial.append(name)
+        elif bounds[1] <= cutoff:
+            whole.append((name, *bounds))
+    return OlderPartitions(sorted(whole, key=lambda m: m[1]), partial)
 
 
 async def archive_month(conn: Any, sweep: Sweep, name: str) -> int:
     """Export partition ``name`` whole, then drop it; how many rows left."""
-    table = _quoted(name)
-    lines_sql = f'SELECT {METRICS.line_sql} FROM {table} ORDER BY "timestamp", id'
+    table = quoted(name)
+    lines_sql = ordered_lines_sql(table)
     progress = Progress(f"retention {name}", unit="rows")
     exported: list[archive.Exported] = []
 
-    async def keep(chunk: archive.Exported, raw: bytes) -> None:
+    async def keep(chunk: archive.Exported, lines: Chunk) -> None:
         exported.append(chunk)
 
     splitter = ChunkSplitter(sweep, keep)
@@ -103,15 +115,19 @@ async def archive_month(conn: Any, sweep: Sweep, name: str) -> int:
     return total
 
 
-async def forget_identities(conn: Any, before: datetime, batch: int = 50_000) -> int:
-    """Delete the identities of samples older than ``before`` (all archived by now), in
-    batches that never hold many locks at once."""
+async def forget_identities(
+    conn: Any, before: datetime, since: datetime | None = None, batch: int = 50_000
+) -> int:
+    """Delete the identities of samples in [``since``, ``before``) (all archived by
+    now), in batches that never hold many locks at once."""
     total = 0
     while True:
         status = await conn.execute(
             "DELETE FROM system_metric_ids WHERE ctid = ANY(ARRAY("
-            ' SELECT ctid FROM system_metric_ids WHERE "timestamp" < $1 LIMIT $2))',
+            ' SELECT ctid FROM system_metric_ids WHERE "timestamp" < $1'
+            ' AND ($2::timestamptz IS NULL OR "timestamp" >= $2) LIMIT $3))',
             before,
+            since,
             batch,
         )
         deleted = int(status.split()[-1])

@@ -15,7 +15,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from handlers.maintenance_runs import RunKey, RunResult
-from handlers.retention import chunks, partitions, stream
+from handlers.retention import chunks
+from handlers.retention.metrics import archive_metrics
 from handlers.retention.sweep import Note, Sweep, sweep_table
 from handlers.retention.tables import METRICS, TABLES, TableSpec, spec
 from worker.config import Settings
@@ -59,6 +60,7 @@ async def run_retention(
     try:
         async with inventory.connect(settings.database_url) as conn:
             await conn.execute("SET TIME ZONE 'UTC'")  # archive lines' times end in +00:00
+            await conn.execute("SET max_parallel_workers_per_gather = 0")
             await conn.execute("SELECT pg_advisory_lock($1)", RUN_LOCK)
             swept = await chunks.sweep_unrecorded(conn, store)
             sweep = Sweep(store, f"{run} attempt {attempt}", note, crash_points)
@@ -104,12 +106,7 @@ async def _archive_table(
     if table is not METRICS:
         await sweep_table(conn, sweep, table, before)
         return
-    for name, _start, _end in await partitions.months_before(conn, before):
-        await partitions.archive_month(conn, sweep, name)
-    # Deletes go on a second connection while the first streams the samples out.
-    async with inventory.connect(database_url) as deleter:
-        await stream.archive_older_samples(conn, deleter, sweep, before)
-    await partitions.forget_identities(conn, before)
+    await archive_metrics(conn, sweep, before, database_url)
 
 
 COUNT_SQL = """

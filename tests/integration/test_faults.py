@@ -30,7 +30,7 @@ from tests.support.factories import T0, at, backfill_payload, feedback_payload, 
 from tests.support.topics import INGEST_TOPICS
 from worker.config import Settings
 from worker.pubsub.client import PubSub
-from worker.sources.pull import PullSettings
+from worker.sources.settings import PullSettings
 
 
 def iso(moment: datetime) -> str:

@@ -28,7 +28,7 @@ from tests.support.emulator import (
 )
 from tests.support.factories import T0, at, backfill_payload, feedback_payload, metric_payload
 from worker.config import Settings
-from worker.pipeline.batching import BatchSettings
+from worker.pipeline.settings import BatchSettings
 from worker.pubsub.client import PubSub
 
 T = TypeVar("T")

@@ -49,7 +49,7 @@ from worker.http.app import create_app
 from worker.http.limits import MAX_HEAD_BYTES, HeadLimits
 from worker.http.oidc import CertCache, CertsUnavailableError, PushVerifier
 from worker.http.services import Services
-from worker.pipeline.batching import BatchSettings
+from worker.pipeline.settings import BatchSettings
 from worker.pubsub.client import PubSub
 from worker.sources.push import MAX_PUSH_BODY_BYTES
 

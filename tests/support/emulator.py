@@ -21,12 +21,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.support.topics import INGEST_TOPICS, REGISTRY
 from worker.config import Settings
-from worker.pipeline.batching import BatchSettings
+from worker.pipeline.settings import BatchSettings
 from worker.pubsub.client import PubSub, PubsubMessage
 from worker.pubsub.names import dead_letter_subscription
 from worker.runtime import Runtime
-from worker.sources.pull import PullSettings
 from worker.sources.pull_worker import PullWorker
+from worker.sources.settings import PullSettings
 from worker.telemetry import Telemetry, create_telemetry
 from worker.topics import Registry
 

@@ -11,9 +11,10 @@ from typing import Any
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
 
 from worker.exceptions import PermanentError, SchemaViolationError, WorkerError
-from worker.pipeline.batching import AfterCommit, Backoff, BatchSettings, TopicPipeline
+from worker.pipeline.batching import AfterCommit, Backoff, TopicPipeline
 from worker.pipeline.delivery import Delivery
 from worker.pipeline.handler import BatchOutcome
+from worker.pipeline.settings import BatchSettings
 from worker.telemetry import create_telemetry
 
 

@@ -41,7 +41,7 @@ from worker.http.limits import HeadLimits
 from worker.http.oidc import PushVerifier
 from worker.http.serve import server_config
 from worker.http.services import Services
-from worker.pipeline.batching import BatchSettings
+from worker.pipeline.settings import BatchSettings
 from worker.telemetry import create_telemetry
 
 TABLES = ("system_metrics", "insight_feedback", "backfill_jobs")

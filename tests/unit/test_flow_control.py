@@ -10,7 +10,8 @@ import time
 from typing import Any
 
 from tests.unit.test_leases import FakePipeline, Received
-from worker.sources.pull import FIRST_PULL_MESSAGES, PullSettings, PullSource
+from worker.sources.pull import FIRST_PULL_MESSAGES, PullSource
+from worker.sources.settings import PullSettings
 
 MESSAGE_BYTES = 100_000
 PAYLOAD = b"x" * MESSAGE_BYTES

@@ -14,7 +14,8 @@ from typing import Any
 
 from tests.support.fakes import Fussy, PipelineRun, counter, payloads
 from tests.unit.test_leases import FakePipeline, Received
-from worker.sources.pull import PullSettings, PullSource
+from worker.sources.pull import PullSource
+from worker.sources.settings import PullSettings
 
 
 async def test_unexpected_errors_nack_their_message_alone() -> None:

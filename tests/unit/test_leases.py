@@ -7,7 +7,8 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from worker.sources.pull import MIN_ACK_DEADLINE_S, PullSettings, PullSource
+from worker.sources.pull import MIN_ACK_DEADLINE_S, PullSource
+from worker.sources.settings import PullSettings
 
 
 class FakePipeline:

@@ -1,4 +1,4 @@
-"""Retention rules that need no server: chunk edges, names, line counts."""
+"""Retention rules that need no server: object names, gzip, line counts."""
 
 from __future__ import annotations
 
@@ -7,27 +7,11 @@ import uuid
 from datetime import UTC, datetime
 
 from handlers.retention import archive
-from handlers.retention.stream import _after_line, _edges
 from handlers.retention.tables import METRICS, edge_key
 
 
 def _line(at: str, row_id: uuid.UUID) -> bytes:
     return json.dumps({"id": str(row_id), "timestamp": at}).encode() + b"\n"
-
-
-def test_a_chunk_of_one_line_or_many_has_its_first_and_last_keys() -> None:
-    a, b = uuid.uuid4(), uuid.uuid4()
-    one = _line("2026-01-02T03:04:05.000006+00:00", a)
-    first, last = _edges(one)
-    assert first == last == (datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC), a)
-    _, last = _edges(one + _line("2026-01-03T00:00:00+00:00", b))
-    assert last == (datetime(2026, 1, 3, tzinfo=UTC), b)
-
-
-def test_the_splitter_cuts_after_the_nth_line() -> None:
-    buffer = bytearray(b"a\nbb\nccc\n")
-    assert _after_line(buffer, 2) == 5
-    assert _after_line(buffer, 3) == len(buffer)
 
 
 def test_object_names_are_made_of_the_edge_keys_and_the_first_month() -> None:

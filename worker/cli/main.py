@@ -10,13 +10,12 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
-from handlers import registry
+from handlers import registry as topic_registry
 from worker import logs
 from worker.config import Settings
 from worker.exceptions import WorkerError
-from worker.pipeline.batching import BatchSettings
-from worker.sources.pull import PullSettings
-from worker.topics import Registry
+from worker.pipeline.settings import BatchSettings
+from worker.sources.settings import PullSettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -108,32 +107,36 @@ def _env_list(name: str) -> list[str] | None:
     return values or None
 
 
-Command = Callable[[argparse.Namespace, Settings, Registry], Coroutine[Any, Any, int]]
+# The topic registry is built by the commands that need it: it loads every topic's
+# module, the Pub/Sub and Redis clients among them, which a backup or retention run
+# has no use for (a second of start-up and tens of MB of memory).
+Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
 
 
-async def _migrate(args: argparse.Namespace, settings: Settings, registry: Registry) -> int:
+async def _migrate(args: argparse.Namespace, settings: Settings) -> int:
     from worker.storage.migrate import upgrade
 
-    await upgrade(settings, registry, args.revision)
+    await upgrade(settings, topic_registry(), args.revision)
     return 0
 
 
-async def _downgrade(args: argparse.Namespace, settings: Settings, registry: Registry) -> int:
+async def _downgrade(args: argparse.Namespace, settings: Settings) -> int:
     from worker.storage.migrate import downgrade
 
     await downgrade(settings, args.revision)
     return 0
 
 
-async def _demo(args: argparse.Namespace, settings: Settings, registry: Registry) -> int:
+async def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from worker.cli.demo import run_demo
 
-    return await run_demo(settings, registry)
+    return await run_demo(settings, topic_registry())
 
 
-async def _topology(args: argparse.Namespace, settings: Settings, registry: Registry) -> int:
+async def _topology(args: argparse.Namespace, settings: Settings) -> int:
     from worker.pubsub import topology
 
+    registry = topic_registry()
     if args.action == "render":
         sys.stdout.write(topology.render_json(registry, args.push_endpoint))
     else:
@@ -142,15 +145,16 @@ async def _topology(args: argparse.Namespace, settings: Settings, registry: Regi
     return 0
 
 
-async def _serve(args: argparse.Namespace, settings: Settings, registry: Registry) -> int:
+async def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from worker.http.serve import serve
 
-    return await serve(settings, registry, args.host)
+    return await serve(settings, topic_registry(), args.host)
 
 
-async def _run(args: argparse.Namespace, settings: Settings, registry: Registry) -> int:
+async def _run(args: argparse.Namespace, settings: Settings) -> int:
     from worker.sources.pull_worker import run_worker
 
+    registry = topic_registry()
     for name in args.only or ():
         registry[name]  # an unknown topic is refused before anything starts
     batch = BatchSettings(
@@ -168,19 +172,19 @@ async def _run(args: argparse.Namespace, settings: Settings, registry: Registry)
     return await run_worker(settings, registry, topics, batch, pull)
 
 
-async def _backup(args: argparse.Namespace, settings: Settings, registry: Registry) -> int:
+async def _backup(args: argparse.Namespace, settings: Settings) -> int:
     from worker.cli import backup
 
     return await backup.command(args, settings)
 
 
-async def _retention(args: argparse.Namespace, settings: Settings, registry: Registry) -> int:
+async def _retention(args: argparse.Namespace, settings: Settings) -> int:
     from worker.cli import retention
 
     return await retention.retention(args, settings)
 
 
-async def _archive(args: argparse.Namespace, settings: Settings, registry: Registry) -> int:
+async def _archive(args: argparse.Namespace, settings: Settings) -> int:
     from worker.cli import retention
 
     return await retention.archive(args, settings)
@@ -215,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_env()
         # uvloop: a faster event loop for every command (gRPC's asyncio client and
         # asyncpg both run on it); plain asyncio where it is not installed.
-        return run_async(COMMANDS[args.command](args, settings, registry()))
+        return run_async(COMMANDS[args.command](args, settings))
     except WorkerError as error:
         log.error(str(error), extra={"error": type(error).__name__})
         return 1

@@ -8,8 +8,8 @@ from fastapi import FastAPI, Request
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from worker.config import Settings
-from worker.pipeline.batching import BatchSettings
 from worker.pipeline.crash_points import CrashPoints
+from worker.pipeline.settings import BatchSettings
 from worker.read.cached import CacheService
 from worker.read.service import DatabaseService
 from worker.runtime import Runtime

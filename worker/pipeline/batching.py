@@ -32,21 +32,13 @@ from worker.pipeline.dead_letters import DeadLetterPublisher
 from worker.pipeline.decoding import decode_json_object
 from worker.pipeline.delivery import Delivery
 from worker.pipeline.handler import BatchOutcome, Handler
+from worker.pipeline.settings import BatchSettings
 from worker.pipeline.supervision import keep_running
 from worker.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
 AfterCommit = Callable[[str, frozenset[str]], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class BatchSettings:
-    max_batch_size: int = 2000
-    max_batch_bytes: int = 4 * 1024 * 1024
-    max_batch_delay_ms: int = 50
-    max_concurrent_flushes: int = 3
-    flush_when_idle: bool = True
 
 
 @dataclass(slots=True)

@@ -28,7 +28,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -37,6 +36,7 @@ from worker.pipeline.batching import TopicPipeline
 from worker.pipeline.delivery import Delivery
 from worker.pipeline.supervision import keep_running
 from worker.pubsub.client import PubSub
+from worker.sources.settings import PullSettings
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +47,6 @@ FIRST_PULL_MESSAGES = 100
 
 YIELD_EVERY_S = 0.005
 """Longest run of validation before the pull loop lets other tasks go."""
-
-
-@dataclass(frozen=True)
-class PullSettings:
-    pullers: int = 8
-    max_outstanding_messages: int = 10_000
-    max_outstanding_bytes: int = 32 * 1024 * 1024
-    pull_timeout_s: float = 2.0
-    ack_deadline_s: int = 60
-    lease_check_every_s: float = 1.0
-    lease_margin_s: float = 5.0
-    settle_every_ms: int = 20
 
 
 MIN_ACK_DEADLINE_S = 10

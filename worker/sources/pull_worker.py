@@ -15,10 +15,11 @@ import time
 from collections.abc import Sequence
 
 from worker.config import Settings
-from worker.pipeline.batching import BatchSettings
 from worker.pipeline.crash_points import CrashPoints
+from worker.pipeline.settings import BatchSettings
 from worker.runtime import Runtime, tune_garbage_collector
-from worker.sources.pull import PullSettings, PullSource
+from worker.sources.pull import PullSource
+from worker.sources.settings import PullSettings
 from worker.topics import Registry
 
 log = logging.getLogger(__name__)
