@@ -112,17 +112,18 @@ def _at(run: WorkerRun, message: str) -> datetime:
 
 
 def say_breakdown(run: WorkerRun, spawned: datetime, ended: datetime) -> None:
-    """Where the run's wall time went, from the times of its log events."""
+    """Where the run's wall time went, from the times of its log events (months go
+    several at once: the cutoff's month is timed from the run's start)."""
     started = _at(run, "maintenance run started")
+    partial = _at(run, "retention archived rows")
     dropped = "retention dropped a month"
-    months_done = _at(run, dropped) if dropped in run.events else started
-    swept = _at(run, "retention archived rows")
+    archived = max(partial, _at(run, dropped)) if dropped in run.events else partial
     finished = _at(run, "maintenance run succeeded")
     parts = {
         "start-up": started - spawned,
-        "whole months": months_done - started,
-        "chunked deletes": swept - months_done,
-        "identities, ledger": finished - swept,
+        "every month (the cutoff's month within it)": archived - started,
+        "the cutoff's month": partial - started,
+        "its identities, ledger": finished - archived,
         "exit": ended - finished,
     }
     say("run breakdown: " + ", ".join(f"{k} {v.total_seconds():.1f} s" for k, v in parts.items()))

@@ -2,8 +2,9 @@
 
 ``{table}/{YYYY}/{MM}/{table}-{first key}-{last key}.jsonl.gz`` (the month of its first
 row) and ``....jsonl.gz.json`` beside it. Names depend only on the rows' keys, and the
-bytes only on the rows (gzip without a time stamp): a rerun of the same range writes
-the same object over itself, never a second copy.
+bytes only on the rows (gzip without a time stamp, its input cut the same way; with
+another build of the compressor they may differ, which nothing relies on): a rerun of
+the same range writes the same object over itself, never a second copy.
 """
 
 from __future__ import annotations
