@@ -12,6 +12,7 @@ from bench import (
     invalidation,
     push,
     read,
+    replay,
     retention,
     stack,
     store,
@@ -29,6 +30,7 @@ SCENARIOS = {
     "push": push.run,
     "backup": backup.run,
     "retention": retention.run,
+    "replay": replay.run,
 }
 
 

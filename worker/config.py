@@ -40,6 +40,7 @@ _TIMEOUT_VARIABLES = {
     "database_statement_timeout_s": "DATABASE_STATEMENT_TIMEOUT",
     "maintenance_heartbeat_s": "MAINTENANCE_HEARTBEAT",
     "maintenance_stale_s": "MAINTENANCE_STALE_AFTER",
+    "dlq_lease_s": "DLQ_LEASE",
 }
 
 
@@ -77,6 +78,12 @@ class Settings:
     # heartbeat is older than ``maintenance_stale_s`` lost its owner and is taken over.
     maintenance_heartbeat_s: float = 10.0
     maintenance_stale_s: float = 60.0
+    # Metrics months a retention run archives at once, each on a connection of its own
+    # (1 is gentlest on a database that shares its cores with ingestion).
+    retention_streams: int = 3
+    # How long a dlq command holds the dead letters it read (extended while it works);
+    # what a crashed command held comes back this long after it died.
+    dlq_lease_s: float = 60.0
     port: int = 8080
     push_audience: str | None = None
     push_service_accounts: tuple[str, ...] = field(default_factory=tuple)
@@ -95,6 +102,10 @@ class Settings:
                 raise ValueError(
                     f"{variable} must be at least 1 day, got {getattr(self, attribute)}"
                 )
+        if not 1 <= self.retention_streams <= 8:
+            raise ValueError(f"RETENTION_STREAMS must be 1 to 8, got {self.retention_streams}")
+        if self.dlq_lease_s < 10:  # Pub/Sub's shortest ack deadline
+            raise ValueError(f"DLQ_LEASE must be at least 10 seconds, got {self.dlq_lease_s}")
         if self.maintenance_stale_s < 2 * self.maintenance_heartbeat_s:
             # A live owner must never look dead between two of its heartbeats.
             raise ValueError(
@@ -132,6 +143,8 @@ class Settings:
             pg_bin_dir=env.get("PG_BIN_DIR") or None,
             maintenance_heartbeat_s=_seconds(env, "MAINTENANCE_HEARTBEAT", 10.0),
             maintenance_stale_s=_seconds(env, "MAINTENANCE_STALE_AFTER", 60.0),
+            retention_streams=_int(env, "RETENTION_STREAMS", 3),
+            dlq_lease_s=_seconds(env, "DLQ_LEASE", 60.0),
             port=_int(env, "PORT", 8080),
             push_audience=env.get("PUSH_AUDIENCE") or None,
             push_service_accounts=accounts,

@@ -158,6 +158,11 @@ class ObjectExistsError(ObjectStoreError):
     transient = False
 
 
+class DeadLetterCommandError(WorkerError):
+    """A dead-letter command refused before it changed anything (a bad replay file, an
+    unknown dead letter named)."""
+
+
 class MaintenanceError(WorkerError):
     """A maintenance run (backup, restore, retention) failed: its message is nacked, so
     Pub/Sub retries the run and dead-letters it after its attempts. The message says

@@ -3,9 +3,11 @@
 Each month is one ordered COPY (``chunking``): PostgreSQL sorts it and builds its
 lines, the worker compresses, writes and reads back its chunks. One month at a time
 leaves one side idle while the other works (the server sorts before the first line
-goes out), so ``STREAMS`` months go at once, each on a connection of its own, taking
-the next month as they finish. The cutoff's month goes first (the longest: its
-chunks' rows are deleted one transaction each, on one more connection, ``deleter``).
+goes out), so several months go at once (``RETENTION_STREAMS``, 3 by default: two keep
+both cores of this machine kind busy, a third evens out the end of the run), each on
+a connection of its own, taking the next month as they finish. The cutoff's month goes
+first (the longest: its chunks' rows are deleted one transaction each, on one more
+connection, ``deleter``).
 """
 
 from __future__ import annotations
@@ -20,15 +22,14 @@ from handlers.retention import partitions, stream
 from handlers.retention.sweep import Sweep
 from worker.storage import inventory
 
-STREAMS = 3
-"""Months at once: two keep both cores of this machine kind busy; a third evens out
-the end of the run, when the last month would otherwise go alone."""
-
 Month = tuple[str, datetime, datetime]
 
 
-async def archive_metrics(conn: Any, sweep: Sweep, before: datetime, database_url: str) -> None:
-    """Archive every sample older than ``before``, then forget their identities."""
+async def archive_metrics(
+    conn: Any, sweep: Sweep, before: datetime, database_url: str, streams: int
+) -> None:
+    """Archive every sample older than ``before``, ``streams`` months at once, then
+    forget their identities."""
     older = await partitions.older_partitions(conn, before)
     months: Iterator[Month] = iter(older.whole)  # shared: each month goes to one stream
 
@@ -45,12 +46,12 @@ async def archive_metrics(conn: Any, sweep: Sweep, before: datetime, database_ur
                 await partitions.forget_identities(on, before, since=bounds[0])
         await whole_months(on)
 
-    async with _connections(database_url, STREAMS) as (deleter, *others):
+    async with _connections(database_url, streams) as (deleter, *others):
         try:
-            async with asyncio.TaskGroup() as streams:
-                streams.create_task(cutoffs_month_first(conn, deleter))
-                for other in others[: STREAMS - 1]:
-                    streams.create_task(whole_months(other))
+            async with asyncio.TaskGroup() as at_once:
+                at_once.create_task(cutoffs_month_first(conn, deleter))
+                for other in others[: streams - 1]:
+                    at_once.create_task(whole_months(other))
         except ExceptionGroup as failed:
             raise failed.exceptions[0] from None  # the other streams were cancelled by it
     # Identities of samples no month above held (none, unless a partition is not one

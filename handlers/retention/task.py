@@ -66,7 +66,7 @@ async def run_retention(
             sweep = Sweep(store, f"{run} attempt {attempt}", note, crash_points)
             for table in tables_of(run):
                 before = cutoff(table, settings, moment)
-                await _archive_table(conn, sweep, table, before, settings.database_url)
+                await _archive_table(conn, sweep, table, before, settings)
             objects, row_counts = await _archived_by(conn, store, run)
     finally:
         store.close()
@@ -101,12 +101,12 @@ async def _archived_by(
 
 
 async def _archive_table(
-    conn: Any, sweep: Sweep, table: TableSpec, before: datetime, database_url: str
+    conn: Any, sweep: Sweep, table: TableSpec, before: datetime, settings: Settings
 ) -> None:
     if table is not METRICS:
         await sweep_table(conn, sweep, table, before)
         return
-    await archive_metrics(conn, sweep, before, database_url)
+    await archive_metrics(conn, sweep, before, settings.database_url, settings.retention_streams)
 
 
 COUNT_SQL = """

@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     from worker.cli import retention
 
     retention.add_parsers(commands)
+    from worker.cli import dlq
+
+    dlq.add_parsers(commands)
     return parser
 
 
@@ -190,6 +193,12 @@ async def _archive(args: argparse.Namespace, settings: Settings) -> int:
     return await retention.archive(args, settings)
 
 
+async def _dlq(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.cli import dlq
+
+    return await dlq.command(args, settings, topic_registry())
+
+
 COMMANDS: dict[str, Command] = {
     "migrate": _migrate,
     "downgrade": _downgrade,
@@ -200,6 +209,7 @@ COMMANDS: dict[str, Command] = {
     "backup": _backup,
     "retention": _retention,
     "archive": _archive,
+    "dlq": _dlq,
 }
 
 

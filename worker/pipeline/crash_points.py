@@ -41,6 +41,8 @@ class CrashPoint(enum.Enum):
     RETENTION_AFTER_VERIFY = "retention_after_verify"
     RETENTION_AFTER_DELETE = "retention_after_delete"
     RETENTION_BEFORE_LEDGER = "retention_before_ledger"
+    # A dead-letter replay (worker/dlq): a batch published, its dead letters not acked.
+    REPLAY_AFTER_PUBLISH = "replay_after_publish"
 
 
 PIPELINE_POINTS = (CrashPoint.BEFORE_COMMIT, CrashPoint.AFTER_COMMIT, CrashPoint.AFTER_PUBLISH)

@@ -64,11 +64,11 @@ class DeadLetterPublisher:
             for delivery, error in entries
         ]
         target = self.pubsub.topic(dead_letter_topic(topic))
-        for chunk in _requests(messages):
+        for chunk in publish_requests(messages):
             await self.pubsub.publish(target, chunk)
 
 
-def _requests(messages: Sequence[Any]) -> list[list[Any]]:
+def publish_requests(messages: Sequence[Any]) -> list[list[Any]]:
     """Split into requests within Pub/Sub's 1000 messages and 10 MB per publish."""
     chunks: list[list[Any]] = [[]]
     size = 0

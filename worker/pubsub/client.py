@@ -36,6 +36,8 @@ ModifyAckDeadlineRequest: Any = types.ModifyAckDeadlineRequest.pb()
 PublishRequest: Any = types.PublishRequest.pb()
 PublishResponse: Any = types.PublishResponse.pb()
 GetTopicRequest: Any = types.GetTopicRequest.pb()
+SeekRequest: Any = types.SeekRequest.pb()
+SeekResponse: Any = types.SeekResponse.pb()
 Topic: Any = types.Topic.pb()
 
 SCOPES = ("https://www.googleapis.com/auth/pubsub",)
@@ -100,6 +102,9 @@ class PubSub:
         self._modack = self.channel.unary_unary(
             sub + "ModifyAckDeadline", ModifyAckDeadlineRequest.SerializeToString, empty
         )
+        self._seek = self.channel.unary_unary(
+            sub + "Seek", SeekRequest.SerializeToString, SeekResponse.FromString
+        )
         self._get_topic = self.channel.unary_unary(
             pub + "GetTopic", GetTopicRequest.SerializeToString, Topic.FromString
         )
@@ -160,6 +165,14 @@ class PubSub:
                 await self._modack(request, timeout=30)
             except grpc.aio.AioRpcError as error:
                 raise _translate(error, "modify_ack_deadline") from error
+
+    async def seek(self, subscription: str, time: Any) -> None:
+        """Seek ``subscription`` to ``time`` (a protobuf Timestamp): every message
+        published before it counts as acknowledged (a purge, when ``time`` is now)."""
+        try:
+            await self._seek(SeekRequest(subscription=subscription, time=time), timeout=60)
+        except grpc.aio.AioRpcError as error:
+            raise _translate(error, "seek") from error
 
     async def publish(
         self, topic: str, messages: Sequence[Any], timeout_s: float = 30

@@ -1,0 +1,110 @@
+"""Every message of a dead-letter subscription, pulled and held for one command.
+
+Pub/Sub has no way to read a subscription without leasing what it reads. To see each
+message once, a command keeps the leases of everything it pulled (extending them while
+it works, so none comes back to it), and at the end releases what it did not
+acknowledge, all at once (ack deadline 0): those are at once deliverable again, to
+any reader. Meanwhile another reader of the subscription does not get them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+
+from worker.dlq.letters import DeadLetter
+from worker.pubsub.client import PubSub
+
+log = logging.getLogger(__name__)
+
+PULL_MESSAGES = 1000
+PULL_TIMEOUT_S = 1.0
+# A subscription is taken as drained after this many empty pulls in a row (a pull
+# may come back empty while messages wait).
+EMPTY_PULLS = 2
+LEASE_S = 60.0
+"""How long a command's hold lasts between extensions (``DLQ_LEASE``): what a crashed
+command held comes back this long after it died."""
+
+
+class Leases:
+    """The dead letters one command holds; see the module's docstring."""
+
+    def __init__(self, pubsub: PubSub, subscription: str, lease_s: float = LEASE_S) -> None:
+        self.pubsub = pubsub
+        self.subscription = subscription
+        self.lease_s = lease_s
+        self._held: dict[str, DeadLetter] = {}  # by message id
+
+    @property
+    def held(self) -> list[DeadLetter]:
+        """Held dead letters, oldest first."""
+        return sorted(self._held.values(), key=lambda letter: letter.publish_time)
+
+    async def pull_all(self, limit: int | None = None) -> list[DeadLetter]:
+        """Pull until the subscription is drained (or ``limit`` are held); every dead
+        letter held, oldest first."""
+        empty = 0
+        while empty < EMPTY_PULLS and (limit is None or len(self._held) < limit):
+            wanted = PULL_MESSAGES if limit is None else min(PULL_MESSAGES, limit - len(self._held))
+            received = await self.pubsub.pull(self.subscription, wanted, PULL_TIMEOUT_S)
+            empty = 0 if received else empty + 1
+            if received:  # our lease, not the subscription's ack deadline
+                ack_ids = [message.ack_id for message in received]
+                await self.pubsub.modify_ack_deadline(self.subscription, ack_ids, self.deadline_s)
+            for message in received:
+                letter = DeadLetter.from_received(message)
+                # A redelivery (a lease lost meanwhile) replaces the stale ack id.
+                self._held[letter.message_id] = letter
+        return self.held
+
+    async def acknowledge(self, letters: Sequence[DeadLetter]) -> None:
+        """Acknowledge ``letters`` (gone from the subscription), no longer held."""
+        await self.pubsub.acknowledge(self.subscription, [letter.ack_id for letter in letters])
+        for letter in letters:
+            self._held.pop(letter.message_id, None)
+
+    @property
+    def deadline_s(self) -> int:
+        return max(10, round(self.lease_s))  # Pub/Sub's shortest ack deadline is 10 s
+
+    async def extend(self) -> None:
+        if self._held:
+            ack_ids = [letter.ack_id for letter in self._held.values()]
+            await self.pubsub.modify_ack_deadline(self.subscription, ack_ids, self.deadline_s)
+
+    async def release(self) -> None:
+        """Make every held dead letter deliverable again at once."""
+        held, self._held = list(self._held.values()), {}
+        if held:
+            await self.pubsub.modify_ack_deadline(
+                self.subscription, [letter.ack_id for letter in held], 0
+            )
+
+
+@contextlib.asynccontextmanager
+async def leased(
+    pubsub: PubSub, subscription: str, lease_s: float = LEASE_S
+) -> AsyncIterator[Leases]:
+    """Leases kept alive while the block runs, and released when it ends (whatever ends
+    it; a crash of the process instead lets them lapse after ``lease_s``)."""
+    leases = Leases(pubsub, subscription, lease_s)
+
+    async def keep_alive() -> None:
+        while True:
+            await asyncio.sleep(leases.deadline_s / 3)
+            try:
+                await leases.extend()
+            except Exception as error:  # the next round tries again; the command goes on
+                log.warning("dead-letter leases not extended", extra={"error": str(error)})
+
+    keeper = asyncio.create_task(keep_alive())
+    try:
+        yield leases
+    finally:
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeper
+        await leases.release()
