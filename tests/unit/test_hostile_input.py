@@ -27,9 +27,10 @@ from worker.exceptions import (
     PermanentError,
     SchemaViolationError,
 )
-from worker.pipeline.dead_letters import dead_letter_attributes, rfc3339
+from worker.pipeline.dead_letters import dead_letter_attributes
 from worker.pipeline.decoding import decode_json_object
 from worker.sources.push import EnvelopeError, parse_envelope
+from worker.timestamps import rfc3339
 
 HANDLERS: dict[str, Any] = {
     "backfill-progress": BackfillHandler(),

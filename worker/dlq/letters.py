@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from worker.pipeline.dead_letters import rfc3339
+from worker.timestamps import rfc3339
 
 DELIVERY_ATTEMPTS_EXCEEDED = "delivery_attempts_exceeded"
 UNKNOWN_REASON = "unknown"

@@ -10,19 +10,11 @@ from worker.exceptions import PermanentError
 from worker.pipeline.delivery import Delivery
 from worker.pubsub.client import PubSub, PubsubMessage
 from worker.pubsub.names import dead_letter_topic
+from worker.timestamps import rfc3339
 
 MAX_DETAIL_BYTES = 1024
 MAX_PER_REQUEST = 1000
 MAX_REQUEST_BYTES = 9 * 1024 * 1024
-
-
-def rfc3339(moment: datetime) -> str:
-    """``moment`` in UTC; in its own offset if UTC cannot hold it (year 1 at +14:00):
-    a dead letter's attributes must never fail to build."""
-    try:
-        return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
-    except OverflowError:
-        return moment.isoformat()
 
 
 def _cut(text: str, limit: int) -> str:
