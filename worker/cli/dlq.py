@@ -185,8 +185,7 @@ async def _replay(letters: DeadLetters, args: argparse.Namespace) -> int:
     verb = "would be replayed" if args.dry_run else "replayed"
     print(
         f"{args.topic}: {summary.replayed} {verb}, {summary.skipped} skipped"
-        f" (replayed {MAX_REPLAYS} times already; --force replays them),"
-        f" {summary.failed} failed (left in the dead-letter subscription)"
+        f" (replayed {MAX_REPLAYS} times already: --force), {summary.failed} failed"
     )
     for error in summary.errors[:5]:
         print(f"  {error}", file=sys.stderr)

@@ -21,9 +21,10 @@ log = logging.getLogger(__name__)
 
 PULL_MESSAGES = 1000
 PULL_TIMEOUT_S = 1.0
-# A subscription is taken as drained after this many empty pulls in a row (a pull
-# may come back empty while messages wait).
-EMPTY_PULLS = 2
+# Pulls at once: the emulator returns at most 100 messages a pull, so the drain is
+# round trips; several in flight cut it (README, replay benchmark). A subscription is
+# taken as drained once every puller's last pull came back empty.
+PULLERS = 8
 LEASE_S = 60.0
 """How long a command's hold lasts between extensions (``DLQ_LEASE``): what a crashed
 command held comes back this long after it died."""
@@ -43,21 +44,21 @@ class Leases:
         """Held dead letters, oldest first."""
         return sorted(self._held.values(), key=lambda letter: letter.publish_time)
 
-    async def pull_all(self, limit: int | None = None) -> list[DeadLetter]:
-        """Pull until the subscription is drained (or ``limit`` are held); every dead
-        letter held, oldest first."""
-        empty = 0
-        while empty < EMPTY_PULLS and (limit is None or len(self._held) < limit):
-            wanted = PULL_MESSAGES if limit is None else min(PULL_MESSAGES, limit - len(self._held))
-            received = await self.pubsub.pull(self.subscription, wanted, PULL_TIMEOUT_S)
-            empty = 0 if received else empty + 1
-            if received:  # our lease, not the subscription's ack deadline
-                ack_ids = [message.ack_id for message in received]
-                await self.pubsub.modify_ack_deadline(self.subscription, ack_ids, self.deadline_s)
-            for message in received:
-                letter = DeadLetter.from_received(message)
-                # A redelivery (a lease lost meanwhile) replaces the stale ack id.
-                self._held[letter.message_id] = letter
+    async def pull_all(self) -> list[DeadLetter]:
+        """Pull until the subscription is drained; every dead letter held, oldest
+        first, each on this command's lease (not the subscription's ack deadline)."""
+
+        async def puller() -> None:
+            while received := await self.pubsub.pull(
+                self.subscription, PULL_MESSAGES, PULL_TIMEOUT_S
+            ):
+                for message in received:
+                    letter = DeadLetter.from_received(message)
+                    # A redelivery (a lease lost meanwhile) replaces the stale ack id.
+                    self._held[letter.message_id] = letter
+
+        await asyncio.gather(*(puller() for _ in range(PULLERS)))
+        await self.extend()
         return self.held
 
     async def acknowledge(self, letters: Sequence[DeadLetter]) -> None:
@@ -71,9 +72,16 @@ class Leases:
         return max(10, round(self.lease_s))  # Pub/Sub's shortest ack deadline is 10 s
 
     async def extend(self) -> None:
-        if self._held:
-            ack_ids = [letter.ack_id for letter in self._held.values()]
-            await self.pubsub.modify_ack_deadline(self.subscription, ack_ids, self.deadline_s)
+        """Every held lease renewed for ``lease_s`` from now."""
+        ack_ids = [letter.ack_id for letter in self._held.values()]
+        await asyncio.gather(
+            *(
+                self.pubsub.modify_ack_deadline(
+                    self.subscription, ack_ids[at : at + PULL_MESSAGES], self.deadline_s
+                )
+                for at in range(0, len(ack_ids), PULL_MESSAGES)
+            )
+        )
 
     async def release(self) -> None:
         """Make every held dead letter deliverable again at once."""

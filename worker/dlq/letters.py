@@ -111,7 +111,7 @@ class DeadLetter:
     def preview(self, chars: int = PREVIEW_CHARS) -> str:
         """The start of the data, printable (bad UTF-8 replaced, control characters escaped)."""
         text = self.data[: chars * 4].decode("utf-8", errors="replace")
-        shown = json.dumps(text, ensure_ascii=False)[1:-1]
+        shown = "".join(ch if ch.isprintable() else json.dumps(ch)[1:-1] for ch in text)
         return shown if len(shown) <= chars else shown[: chars - 1] + "…"
 
     def exported(self) -> dict[str, Any]:

@@ -33,6 +33,9 @@ from worker.pubsub.client import PubSub, PubsubMessage
 from worker.pubsub.names import dead_letter_subscription
 from worker.topics import Registry
 
+PUBLISHES_IN_FLIGHT = 4
+"""Replay batches published at once (each acknowledged once its publish is confirmed)."""
+
 
 @dataclass(frozen=True)
 class TopicStats:
@@ -154,27 +157,36 @@ class DeadLetters:
                 summary.replayed = len(todo)
                 return summary
             pacer = _Pacer(rate_per_s)
+            in_flight = asyncio.Semaphore(PUBLISHES_IN_FLIGHT if rate_per_s is None else 1)
+            target = self.pubsub.topic(topic)
+
+            async def publish_then_ack(batch: Sequence[Work]) -> None:
+                async with in_flight:
+                    now = datetime.now(UTC)
+                    messages = [
+                        PubsubMessage(
+                            data=data, attributes=replay_attributes(attrs, letter.replay_count, now)
+                        )
+                        for letter, data, attrs in batch
+                    ]
+                    try:
+                        for request in publish_requests(messages):
+                            await self.pubsub.publish(target, request)
+                    except WorkerError as error:
+                        summary.failed += len(batch)
+                        summary.errors.append(str(error))
+                        return
+                    self.crash_points.reach(CrashPoint.REPLAY_AFTER_PUBLISH)
+                    await leases.acknowledge([letter for letter, _, _ in batch])
+                    summary.replayed += len(batch)
+                    if progress is not None:
+                        progress.advance(len(batch))
+
+            pending = []
             for batch in _batches(todo, pacer.batch_size):
                 await pacer.wait(len(batch))
-                now = datetime.now(UTC)
-                messages = [
-                    PubsubMessage(
-                        data=data, attributes=replay_attributes(attrs, letter.replay_count, now)
-                    )
-                    for letter, data, attrs in batch
-                ]
-                try:
-                    for request in publish_requests(messages):
-                        await self.pubsub.publish(self.pubsub.topic(topic), request)
-                except WorkerError as error:
-                    summary.failed += len(batch)
-                    summary.errors.append(str(error))
-                    continue
-                self.crash_points.reach(CrashPoint.REPLAY_AFTER_PUBLISH)
-                await leases.acknowledge([letter for letter, _, _ in batch])
-                summary.replayed += len(batch)
-                if progress is not None:
-                    progress.advance(len(batch))
+                pending.append(asyncio.create_task(publish_then_ack(batch)))
+            await asyncio.gather(*pending)
         return summary
 
 
