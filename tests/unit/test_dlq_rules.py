@@ -49,7 +49,7 @@ def test_the_workers_reason_or_pubsubs_forwarding_names_the_failure() -> None:
     forwarded = letter(FORWARDED_ATTRIBUTES)
     assert forwarded.reason == "delivery_attempts_exceeded"
     assert forwarded.detail == "5 delivery attempts on feedback-worker"
-    assert forwarded.source_message_id == "222"  # forwarded under its own id
+    assert forwarded.source_message_id == "222"  # no source attribute: its own id
     assert letter({}).reason == "unknown"
 
 

@@ -92,8 +92,8 @@ class DeadLetter:
 
     @property
     def source_message_id(self) -> str:
-        """The id of the message that failed. Pub/Sub forwards a message under its own
-        id, so a forwarded one is its own source."""
+        """The id of the message that failed (``source_message_id``). Pub/Sub's
+        forwarding adds no such attribute: a forwarded dead letter's own id stands for it."""
         return self.attributes.get("source_message_id", self.message_id)
 
     @property

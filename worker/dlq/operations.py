@@ -22,7 +22,7 @@ from typing import Any, TextIO
 
 from google.protobuf import timestamp_pb2
 
-from worker.dlq.leases import LEASE_S, leased
+from worker.dlq.leases import LEASE_S, Leases, leased
 from worker.dlq.letters import MAX_REPLAYS, DeadLetter, Selection, replay_attributes
 from worker.dlq.replay_file import FileEntry, read_entries
 from worker.exceptions import DeadLetterCommandError, WorkerError
@@ -156,38 +156,52 @@ class DeadLetters:
             if dry_run:
                 summary.replayed = len(todo)
                 return summary
-            pacer = _Pacer(rate_per_s)
-            in_flight = asyncio.Semaphore(PUBLISHES_IN_FLIGHT if rate_per_s is None else 1)
-            target = self.pubsub.topic(topic)
-
-            async def publish_then_ack(batch: Sequence[Work]) -> None:
-                async with in_flight:
-                    now = datetime.now(UTC)
-                    messages = [
-                        PubsubMessage(
-                            data=data, attributes=replay_attributes(attrs, letter.replay_count, now)
-                        )
-                        for letter, data, attrs in batch
-                    ]
-                    try:
-                        for request in publish_requests(messages):
-                            await self.pubsub.publish(target, request)
-                    except WorkerError as error:
-                        summary.failed += len(batch)
-                        summary.errors.append(str(error))
-                        return
-                    self.crash_points.reach(CrashPoint.REPLAY_AFTER_PUBLISH)
-                    await leases.acknowledge([letter for letter, _, _ in batch])
-                    summary.replayed += len(batch)
-                    if progress is not None:
-                        progress.advance(len(batch))
-
-            pending = []
-            for batch in _batches(todo, pacer.batch_size):
-                await pacer.wait(len(batch))
-                pending.append(asyncio.create_task(publish_then_ack(batch)))
-            await asyncio.gather(*pending)
+            await self._publish_then_ack(topic, todo, leases, rate_per_s, summary, progress)
         return summary
+
+    async def _publish_then_ack(
+        self,
+        topic: str,
+        todo: Sequence[Work],
+        leases: Leases,
+        rate_per_s: float | None,
+        summary: ReplaySummary,
+        progress: Progress | None,
+    ) -> None:
+        """Publish ``todo`` in batches, ``PUBLISHES_IN_FLIGHT`` at once (one at a time
+        when paced), acknowledging each batch's dead letters once its publish is
+        confirmed; a batch whose publish failed stays in the subscription."""
+        pacer = _Pacer(rate_per_s)
+        in_flight = asyncio.Semaphore(PUBLISHES_IN_FLIGHT if rate_per_s is None else 1)
+        target = self.pubsub.topic(topic)
+
+        async def publish_then_ack(batch: Sequence[Work]) -> None:
+            async with in_flight:
+                now = datetime.now(UTC)
+                messages = [
+                    PubsubMessage(
+                        data=data, attributes=replay_attributes(attrs, letter.replay_count, now)
+                    )
+                    for letter, data, attrs in batch
+                ]
+                try:
+                    for request in publish_requests(messages):
+                        await self.pubsub.publish(target, request)
+                except WorkerError as error:
+                    summary.failed += len(batch)
+                    summary.errors.append(str(error))
+                    return
+                self.crash_points.reach(CrashPoint.REPLAY_AFTER_PUBLISH)
+                await leases.acknowledge([letter for letter, _, _ in batch])
+                summary.replayed += len(batch)
+                if progress is not None:
+                    progress.advance(len(batch))
+
+        pending = []
+        for batch in _batches(todo, pacer.batch_size):
+            await pacer.wait(len(batch))
+            pending.append(asyncio.create_task(publish_then_ack(batch)))
+        await asyncio.gather(*pending)
 
 
 Work = tuple[DeadLetter, bytes, dict[str, str]]
