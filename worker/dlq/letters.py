@@ -15,23 +15,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from worker.pubsub.names import DEAD_LETTER_ATTRIBUTES
 from worker.timestamps import rfc3339
 
 DELIVERY_ATTEMPTS_EXCEEDED = "delivery_attempts_exceeded"
 UNKNOWN_REASON = "unknown"
 FORWARDED_PREFIX = "CloudPubSubDeadLetterSource"
-# What the worker adds when it dead-letters (worker.pipeline.dead_letters).
-WORKER_ATTRIBUTES = frozenset(
-    {
-        "dead_letter_reason",
-        "dead_letter_detail",
-        "source_topic",
-        "source_subscription",
-        "source_message_id",
-        "source_publish_time",
-        "failed_at",
-    }
-)
 REPLAYED_AT = "replayed_at"
 REPLAY_COUNT = "replay_count"
 PREVIEW_CHARS = 60
@@ -40,7 +29,7 @@ MAX_REPLAYS = 3
 
 
 def is_dead_letter_attribute(name: str) -> bool:
-    return name in WORKER_ATTRIBUTES or name.startswith(FORWARDED_PREFIX)
+    return name in DEAD_LETTER_ATTRIBUTES or name.startswith(FORWARDED_PREFIX)
 
 
 def _timestamp(value: Any) -> datetime:

@@ -15,6 +15,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -72,7 +73,7 @@ class DeadLetters:
         self.crash_points = crash_points or CrashPoints.disarmed()
         self.lease_s = lease_s
 
-    def _leased(self, subscription: str) -> Any:
+    def _leased(self, subscription: str) -> AbstractAsyncContextManager[Leases]:
         return leased(self.pubsub, subscription, self.lease_s)
 
     def _subscription(self, topic: str) -> str:
