@@ -38,7 +38,7 @@ from tests.faults.checks import (
 )
 from tests.faults.oracle import Expected, Ledger, expected_state
 from tests.faults.push_front import PushRecorder
-from tests.faults.workload import Workload, build_workload, publish
+from tests.faults.workload import Pacing, Workload, build_workload, publish
 from worker.config import Settings
 from worker.exceptions import WorkerError
 from worker.pubsub.client import PubSub
@@ -122,17 +122,19 @@ class Scenario:
         """Record a fault injected (for the verdict's figures)."""
         self.faults.append(f"{time.monotonic() - self.started:.1f}s {description}")
 
-    async def publish_phase1(self, rate_per_s: float | None) -> None:
-        """Phase 1 in publish order, at ``rate_per_s`` (None: as fast as possible)."""
-        await publish(self.pubsub, self.workload.phases[0], self.ledger, rate_per_s=rate_per_s)
+    async def publish_phase1(self, pacing: Pacing | None) -> None:
+        """Phase 1 in publish order, paced (None: as fast as possible)."""
+        await publish(self.pubsub, self.workload.phases[0], self.ledger, pacing=pacing)
 
     @asynccontextmanager
-    async def publishing(self, rate_per_s: float) -> AsyncIterator[None]:
-        """Phase 1 published in the background while the body injects faults; on a
-        clean exit, waits until every message of phase 1 was published."""
-        task = asyncio.create_task(self.publish_phase1(rate_per_s), name="publish-phase1")
+    async def publishing(self, rate_per_s: float) -> AsyncIterator[Pacing]:
+        """Phase 1 published in the background at ``rate_per_s`` while the body injects
+        faults (it may move the last message later); on a clean exit, waits until
+        every message of phase 1 was published."""
+        pacing = Pacing.at_rate(len(self.workload.phases[0]), rate_per_s)
+        task = asyncio.create_task(self.publish_phase1(pacing), name="publish-phase1")
         try:
-            yield
+            yield pacing
         except BaseException:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -145,7 +147,8 @@ class Scenario:
 
     async def publish_phase2(self) -> None:
         for phase in self.workload.phases[1:]:
-            await publish(self.pubsub, phase, self.ledger, rate_per_s=CONFLICT_RATE_PER_S)
+            pacing = Pacing.at_rate(len(phase), CONFLICT_RATE_PER_S)
+            await publish(self.pubsub, phase, self.ledger, pacing=pacing)
 
     def expected(self) -> Expected:
         return self.ledger.expected()

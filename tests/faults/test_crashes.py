@@ -109,7 +109,7 @@ the worker (SIGTERM), starts an armed one and waits for its n-th batch there."""
 KILL_SPAN_S = 1.5
 CRASH_SPAN_S = 4.0
 """How long a fault takes at most, its successor worker started."""
-PHASE1_TAIL_S = 20.0
+PHASE1_TAIL_S = 10.0
 CRASH_MAX_RATE_PER_S = 400.0
 
 
@@ -158,15 +158,17 @@ def clear_of_redeliveries(
             return start_s
 
 
-def planned_span(plan: list[Crash]) -> float:
-    """When the last fault ends if each takes its longest: how long phase 1 must last
-    for every fault to land mid-traffic (an armed worker needs batches to die on)."""
-    moment, deaths = CRASH_FIRST_S, list[tuple[float, float]]()
+def planned_end(moment: float, plan: list[Crash], deaths: list[tuple[float, float]]) -> float:
+    """When phase 1 must end for every fault of ``plan`` to land mid-traffic (an
+    armed worker needs batches to die on), if the first may start at ``moment``, each
+    takes its longest and the redelivery windows of ``deaths`` are kept clear."""
+    deaths, end = list(deaths), moment
     for crash in plan:
         moment = clear_of_redeliveries(moment, crash.death_s, deaths)
         deaths.append((moment + crash.death_s[0], moment + crash.death_s[1]))
-        moment += crash.span_s + crash.gap_s
-    return moment - plan[-1].gap_s + PHASE1_TAIL_S
+        end = moment + crash.span_s
+        moment = end + crash.gap_s
+    return end + PHASE1_TAIL_S
 
 
 @pytest.mark.timeout(timeout_for(MESSAGES))
@@ -175,7 +177,7 @@ async def test_scenario_worker_sigkilled_and_crashing_at_each_crash_point(
 ) -> None:
     env = worker_environment(fault_settings)
     plan = crash_plan(random.Random(SEED))
-    phase1_s = phase1_for(MESSAGES, planned_span(plan), CRASH_MAX_RATE_PER_S)
+    phase1_s = phase1_for(MESSAGES, planned_end(CRASH_FIRST_S, plan, []), CRASH_MAX_RATE_PER_S)
     scenario = Scenario.create(
         "worker-crashes", fault_settings, fault_pubsub, seed=SEED, messages=MESSAGES
     )
@@ -194,9 +196,9 @@ async def test_scenario_worker_sigkilled_and_crashing_at_each_crash_point(
     deaths: list[tuple[float, float]] = []
     crashed: dict[CrashPoint, WorkerProcess] = {}
     changed: dict[CrashPoint, bool] = {}
-    async with scenario.reading(seed=SEED), scenario.publishing(MESSAGES / phase1_s):
+    async with scenario.reading(seed=SEED), scenario.publishing(MESSAGES / phase1_s) as pacing:
         moment = CRASH_FIRST_S
-        for crash in plan:
+        for done, crash in enumerate(plan, start=1):
             await scenario.at(clear_of_redeliveries(moment, crash.death_s, deaths))
             assert_alive(worker)
             if crash.point is None:
@@ -224,7 +226,10 @@ async def test_scenario_worker_sigkilled_and_crashing_at_each_crash_point(
                 scenario.fault(f"{armed.name} died at WORKER_CRASH_AT={crash.crash_at}")
                 worker = await start()
             moment = now_s() + crash.gap_s
-        assert now_s() < phase1_s, f"the faults outlasted phase 1 ({phase1_s:.0f} s)"
+            # A fault that took longer than planned (a slow start on a loaded machine)
+            # pushes the rest later, the redelivery windows with them: phase 1 lasts
+            # until they are done, a little slower.
+            pacing.last_no_earlier_than(scenario.started + planned_end(moment, plan[done:], deaths))
 
     verdict = await scenario.verdict()
     assert_alive(worker)

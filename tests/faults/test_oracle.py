@@ -48,6 +48,7 @@ from tests.faults.workload import (
     EPOCH,
     TOPICS,
     OutgoingMessage,
+    Pacing,
     Workload,
     build_workload,
     publish,
@@ -433,7 +434,9 @@ async def test_workload_through_the_worker(
             await counters.wait_settled(ledger.per_topic(), timeout_s=60)
             phase1 = await compare_database(dsn, ledger.expected())
             assert phase1.ok, phase1.describe()
-            await publish(pubsub, work.phases[1], ledger, rate_per_s=200)
+            await publish(
+                pubsub, work.phases[1], ledger, pacing=Pacing.at_rate(len(work.phases[1]), 200)
+            )
             await counters.wait_settled(ledger.per_topic(), timeout_s=60)
             # Idle first: no invalidation is left to refuse a fill, so every key fills.
             await wait_idle(worker, counters, quiet_s=0.5)

@@ -763,29 +763,49 @@ async def _publish_request(
         return
 
 
+@dataclass
+class Pacing:
+    """When a paced publish sends its last message. A scenario whose faults took
+    longer than planned moves it later while publishing runs, and the messages not yet
+    sent spread out to match, so that traffic outlasts every fault."""
+
+    last_at: float
+    """``time.monotonic()`` of the last slice."""
+
+    @classmethod
+    def at_rate(cls, messages: int, rate_per_s: float) -> Pacing:
+        return cls(time.monotonic() + messages / rate_per_s)
+
+    def last_no_earlier_than(self, moment: float) -> None:
+        self.last_at = max(self.last_at, moment)
+
+
 async def publish(
     pubsub: PubSub,
     messages: Iterable[OutgoingMessage],
     ledger: Ledger,
     *,
-    rate_per_s: float | None = None,
+    pacing: Pacing | None = None,
     retry_timeout_s: float = 120.0,
 ) -> None:
     """Publish in order (per topic), recording what was published in ``ledger``.
 
     Unpaced, the messages go in slices of 1000, each slice as one request per topic
-    at once. With ``rate_per_s``, slices of ``PACE_TICK_S`` worth of messages are
-    spaced to hold that rate. A failed request is retried (``PubSubError``) until
+    at once. Paced, slices of ``PACE_TICK_S`` worth of messages (at the rate first
+    planned) are spaced evenly over the time left until ``pacing.last_at``, read
+    again before each slice. A failed request is retried (``PubSubError``) until
     ``retry_timeout_s``: a message may then be published twice, which the ledger
     knows (``attempts``), and for a valid message is just one more duplicate.
     """
     ordered = list(messages)
-    slice_n = (
-        PUBLISH_MAX_MESSAGES if rate_per_s is None else max(1, round(rate_per_s * PACE_TICK_S))
-    )
-    started = time.monotonic()
-    sent = 0
+    slice_n = PUBLISH_MAX_MESSAGES
+    if pacing is not None:
+        planned_rate = len(ordered) / max(PACE_TICK_S, pacing.last_at - time.monotonic())
+        slice_n = max(1, round(planned_rate * PACE_TICK_S))
     for at in range(0, len(ordered), slice_n):
+        if pacing is not None and at > 0:
+            slices_left = -(-(len(ordered) - at) // slice_n)
+            await asyncio.sleep(max(0.0, (pacing.last_at - time.monotonic()) / slices_left))
         piece = ordered[at : at + slice_n]
         by_topic: dict[str, list[OutgoingMessage]] = {}
         for m in piece:
@@ -796,8 +816,3 @@ async def publish(
                 await _publish_request(pubsub, topic, chunk, ledger, retry_timeout_s)
 
         await asyncio.gather(*(one_topic(t, g) for t, g in by_topic.items()))
-        sent += len(piece)
-        if rate_per_s is not None:
-            ahead_s = started + sent / rate_per_s - time.monotonic()
-            if ahead_s > 0:
-                await asyncio.sleep(ahead_s)

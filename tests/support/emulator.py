@@ -119,13 +119,20 @@ def _publish_time(message: Any) -> datetime:
     return datetime.fromtimestamp(stamp.seconds + stamp.nanos / 1e9, UTC)
 
 
+QUIET_S = 0.3
+"""How long a subscription must stay empty once the messages expected came. What the
+worker publishes with them (a dead letter and its neighbours) is published before the
+message is acknowledged, so anything extra is there by then: a longer quiet only
+waits for redeliveries, which come after an ack deadline (10 s), never within it."""
+
+
 async def pull_all(
     pubsub: PubSub,
     subscription: str,
     *,
     expected: int = 0,
     timeout_s: float = 30.0,
-    quiet_s: float = 1.0,
+    quiet_s: float = QUIET_S,
 ) -> list[Received]:
     """Pull and ack until ``expected`` messages came, then until ``quiet_s`` brings none.
 
@@ -137,12 +144,15 @@ async def pull_all(
     deadline = time.monotonic() + timeout_s
     quiet_until: float | None = None
     while time.monotonic() < deadline:
+        wait_s = 1.0
         if len(received) >= expected:
             if quiet_until is None:
                 quiet_until = time.monotonic() + quiet_s
             elif time.monotonic() >= quiet_until:
                 break
-        batch = await pubsub.pull(path, 1000, timeout_s=1.0)
+            # A pull waits for messages until its deadline: no longer than the quiet.
+            wait_s = max(0.05, quiet_until - time.monotonic())
+        batch = await pubsub.pull(path, 1000, timeout_s=wait_s)
         if batch:
             await pubsub.acknowledge(path, [m.ack_id for m in batch])
             quiet_until = None
