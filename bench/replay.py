@@ -4,9 +4,10 @@ The dead-letter subscription is filled with ``LETTERS`` messages as the worker
 dead-letters them (a feedback payload, the ``dead_letter_*`` and ``source_*``
 attributes). Figures, each with its baseline from the same run:
 
-- ``replay_msgs_per_s``: the letters over the wall time of one replay (pull every
-  letter and hold its lease, publish each batch of 1000 to ``feedback``, acknowledge it
-  once the publish is confirmed; the subscription empty at the end, checked), against
+- ``replay_msgs_per_s``: the letters over the wall time of one replay (pulls leasing
+  the letters while batches of 1000 of those already pulled are published to
+  ``feedback``, each acknowledged once its publish is confirmed; the subscription empty
+  at the end, checked), against
   ``raw_publish_msgs_per_s``: the same messages (data and replay attributes) published
   to ``feedback`` with the raw client, in the same requests of 1000, one at a time.
   Goal: ratio >= 0.5;

@@ -1,6 +1,7 @@
 """Dead-letter operations against the emulator: each reason replayed once its cause is
 fixed, Pub/Sub's own forwarding replayed after an outage, reading that consumes
-nothing, purge by reason, a file that names an unknown dead letter refused."""
+nothing, purge by reason, a file that names an unknown dead letter refused, a replay by reason
+streamed (each match once, the rest left)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from worker.dlq.operations import DeadLetters
 from worker.exceptions import DeadLetterCommandError
 from worker.pubsub import topology
 from worker.pubsub.client import PubSub
-from worker.pubsub.names import dead_letter_subscription
+from worker.pubsub.names import dead_letter_subscription, dead_letter_topic
 
 FEEDBACK_ROWS = "SELECT count(*) FROM insight_feedback"
 
@@ -217,3 +218,34 @@ def _decoded(data: str) -> str:
 
 def _encoded(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
+
+
+async def test_a_replay_by_reason_publishes_each_match_once_and_leaves_the_rest(
+    pubsub: PubSub, letters: DeadLetters
+) -> None:
+    # More letters than the pulls may run ahead of the publishes (the emulator returns
+    # 100 a pull): the replay streams them, pulling while it publishes.
+    count = 2_400
+    dead = [
+        message(
+            feedback_payload(user_id=f"user-{n}"),
+            dead_letter_reason="conflict" if n % 2 else "schema_violation",
+            dead_letter_detail="stand-in",
+            source_topic="feedback",
+            source_subscription="feedback-worker",
+            source_message_id=str(n),
+        )
+        for n in range(count)
+    ]
+    await publish(pubsub, dead_letter_topic("feedback"), dead)
+
+    summary = await letters.replay("feedback", Selection(reason="conflict"))
+
+    assert (summary.replayed, summary.skipped, summary.failed) == (count // 2, 0, 0)
+    assert [s.by_reason for s in await letters.stats(["feedback"])] == [
+        {"schema_violation": count // 2}
+    ]
+    replayed = await pull_all(pubsub, "feedback-worker", expected=count // 2)
+    users = sorted(int(json.loads(m.data)["user_id"].removeprefix("user-")) for m in replayed)
+    assert users == list(range(1, count, 2))  # each match once, nothing else
+    assert {m.attributes["replay_count"] for m in replayed} == {"1"}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 
 from worker.dlq.letters import DeadLetter
 from worker.pubsub.client import PubSub
@@ -25,6 +25,7 @@ PULL_TIMEOUT_S = 1.0
 # round trips; several in flight cut it (README, replay benchmark). A subscription is
 # taken as drained once every puller's last pull came back empty.
 PULLERS = 8
+PULLED_AHEAD = 2 * PULLERS
 LEASE_S = 60.0
 """How long a command's hold lasts between extensions (``DLQ_LEASE``): what a crashed
 command held comes back this long after it died."""
@@ -47,19 +48,50 @@ class Leases:
     async def pull_all(self) -> list[DeadLetter]:
         """Pull until the subscription is drained; every dead letter held, oldest
         first, each on this command's lease (not the subscription's ack deadline)."""
+        async with contextlib.aclosing(self.pulled()) as batches:
+            async for _ in batches:
+                pass
+        return self.held
+
+    async def pulled(self) -> AsyncGenerator[list[DeadLetter], None]:
+        """Each pull's dead letters as they come, until the subscription is drained;
+        every one held until acknowledged or released. Pulls stay at most
+        ``PULLED_AHEAD`` batches ahead of the caller: a slow caller (a paced replay)
+        leaves the rest in the subscription rather than in memory, unleased."""
+        batches: asyncio.Queue[list[DeadLetter] | None] = asyncio.Queue(PULLED_AHEAD)
 
         async def puller() -> None:
             while received := await self.pubsub.pull(
                 self.subscription, PULL_MESSAGES, PULL_TIMEOUT_S
             ):
-                for message in received:
-                    letter = DeadLetter.from_received(message)
+                letters = [DeadLetter.from_received(message) for message in received]
+                for letter in letters:
                     # A redelivery (a lease lost meanwhile) replaces the stale ack id.
                     self._held[letter.message_id] = letter
+                # On this command's lease from the start: a crash right after this pull
+                # gives them back ``lease_s`` later, not the subscription's deadline.
+                await self._renew(letters)
+                await batches.put(letters)
 
-        await asyncio.gather(*(puller() for _ in range(PULLERS)))
-        await self.extend()
-        return self.held
+        async def drain() -> None:
+            pullers = [asyncio.create_task(puller()) for _ in range(PULLERS)]
+            try:
+                await asyncio.gather(*pullers)  # the first failure as it was raised
+            finally:
+                for task in pullers:
+                    task.cancel()
+                await asyncio.gather(*pullers, return_exceptions=True)
+                await batches.put(None)
+
+        draining = asyncio.create_task(drain())
+        try:
+            while (batch := await batches.get()) is not None:
+                yield batch
+            await draining  # a puller's failure
+        finally:
+            draining.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await draining
 
     async def acknowledge(self, letters: Sequence[DeadLetter]) -> None:
         """Acknowledge ``letters`` (gone from the subscription), no longer held."""
@@ -73,7 +105,10 @@ class Leases:
 
     async def extend(self) -> None:
         """Every held lease renewed for ``lease_s`` from now."""
-        ack_ids = [letter.ack_id for letter in self._held.values()]
+        await self._renew(self._held.values())
+
+    async def _renew(self, letters: Iterable[DeadLetter]) -> None:
+        ack_ids = [letter.ack_id for letter in letters]
         await asyncio.gather(
             *(
                 self.pubsub.modify_ack_deadline(

@@ -11,10 +11,11 @@ replayed twice, which the handlers apply once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -140,44 +141,50 @@ class DeadLetters:
         progress: Progress | None = None,
     ) -> ReplaySummary:
         """Publish the matching dead letters (or a file's edited messages) to ``topic``
-        and acknowledge each dead letter once its replacement's publish is confirmed."""
+        and acknowledge each dead letter once its replacement's publish is confirmed.
+
+        Dead letters chosen by reason or not at all go out as they are pulled, while
+        the next pulls run; ``--message-id`` and file replays first read the whole
+        subscription, since an id that names no dead letter refuses everything."""
         subscription = self._subscription(topic)
         entries = read_entries(from_file) if from_file is not None else None
         summary = ReplaySummary()
+        limit = None if force else max_replays
         async with self._leased(subscription) as leases:
-            held = [letter for letter in await leases.pull_all() if selection.matches(letter)]
-            _refuse_unknown_ids(selection, held)
-            work = _from_file(held, entries) if entries is not None else _as_held(held)
-            todo = []
-            for letter, data, attributes in work:
-                if letter.replay_count >= max_replays and not force:
-                    summary.skipped += 1
-                    continue
-                todo.append((letter, data, attributes))
-            if dry_run:
-                summary.replayed = len(todo)
-                return summary
-            await self._publish_then_ack(topic, todo, leases, rate_per_s, summary, progress)
+            if entries is None and selection.message_ids is None:
+                work = _streamed(leases, selection)
+            else:
+                work = _checked(leases, selection, entries)
+            async with contextlib.aclosing(work):
+                if dry_run:
+                    async for piece in work:
+                        summary.replayed += len(_within_limit(piece, limit, summary))
+                    return summary
+                await self._publish_then_ack(
+                    topic, work, limit, leases, rate_per_s, summary, progress
+                )
         return summary
 
     async def _publish_then_ack(
         self,
         topic: str,
-        todo: Sequence[Work],
+        work: AsyncGenerator[Sequence[Work], None],
+        limit: int | None,
         leases: Leases,
         rate_per_s: float | None,
         summary: ReplaySummary,
         progress: Progress | None,
     ) -> None:
-        """Publish ``todo`` in batches, ``PUBLISHES_IN_FLIGHT`` at once (one at a time
+        """Publish ``work`` in batches, ``PUBLISHES_IN_FLIGHT`` at once (one at a time
         when paced), acknowledging each batch's dead letters once its publish is
-        confirmed; a batch whose publish failed stays in the subscription."""
+        confirmed; a batch whose publish failed stays in the subscription. While every
+        slot is busy ``work`` is not read, so its pulls wait too."""
         pacer = _Pacer(rate_per_s)
         in_flight = asyncio.Semaphore(PUBLISHES_IN_FLIGHT if rate_per_s is None else 1)
         target = self.pubsub.topic(topic)
 
         async def publish_then_ack(batch: Sequence[Work]) -> None:
-            async with in_flight:
+            try:
                 now = datetime.now(UTC)
                 messages = [
                     PubsubMessage(
@@ -197,12 +204,25 @@ class DeadLetters:
                 summary.replayed += len(batch)
                 if progress is not None:
                     progress.advance(len(batch))
+            finally:
+                in_flight.release()
 
-        pending = []
-        for batch in _batches(todo, pacer.batch_size):
+        sent: list[asyncio.Task[None]] = []
+
+        async def send(batch: Sequence[Work]) -> None:
             await pacer.wait(len(batch))
-            pending.append(asyncio.create_task(publish_then_ack(batch)))
-        await asyncio.gather(*pending)
+            await in_flight.acquire()
+            sent.append(asyncio.create_task(publish_then_ack(batch)))
+
+        buffered: list[Work] = []
+        async for piece in work:
+            buffered.extend(_within_limit(piece, limit, summary))
+            while len(buffered) >= pacer.batch_size:
+                await send(buffered[: pacer.batch_size])
+                del buffered[: pacer.batch_size]
+        if buffered:
+            await send(buffered)
+        await asyncio.gather(*sent)
 
 
 Work = tuple[DeadLetter, bytes, dict[str, str]]
@@ -210,6 +230,32 @@ Work = tuple[DeadLetter, bytes, dict[str, str]]
 
 def _as_held(letters: Iterable[DeadLetter]) -> list[Work]:
     return [(letter, letter.data, letter.attributes) for letter in letters]
+
+
+async def _streamed(leases: Leases, selection: Selection) -> AsyncGenerator[Sequence[Work], None]:
+    """The matching dead letters of each pull, as it comes (in no particular order:
+    the handlers do not depend on one)."""
+    async with contextlib.aclosing(leases.pulled()) as pulled:
+        async for letters in pulled:
+            yield _as_held(letter for letter in letters if selection.matches(letter))
+
+
+async def _checked(
+    leases: Leases, selection: Selection, entries: Sequence[FileEntry] | None
+) -> AsyncGenerator[Sequence[Work], None]:
+    """Every matching dead letter (or the file's entries) at once, oldest first, once
+    each id given was found in the whole subscription."""
+    held = [letter for letter in await leases.pull_all() if selection.matches(letter)]
+    _refuse_unknown_ids(selection, held)
+    yield _from_file(held, entries) if entries is not None else _as_held(held)
+
+
+def _within_limit(work: Sequence[Work], limit: int | None, summary: ReplaySummary) -> list[Work]:
+    """``work`` without the dead letters replayed ``limit`` times already (counted as
+    skipped: ``--force`` replays them)."""
+    due = [item for item in work if limit is None or item[0].replay_count < limit]
+    summary.skipped += len(work) - len(due)
+    return due
 
 
 def _refuse_unknown_ids(selection: Selection, held: Sequence[DeadLetter]) -> None:
@@ -239,10 +285,6 @@ def _from_file(held: Sequence[DeadLetter], entries: Sequence[FileEntry]) -> list
             f" id (replayed or purged already, or another topic's): {shown}; nothing replayed"
         )
     return [(by_source[e.source_message_id], e.data, e.attributes) for e in entries]
-
-
-def _batches(items: Sequence[Work], size: int) -> list[Sequence[Work]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _timestamp(moment: datetime) -> Any:
