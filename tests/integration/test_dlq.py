@@ -1,7 +1,7 @@
 """Dead-letter operations against the emulator: each reason replayed once its cause is
 fixed, Pub/Sub's own forwarding replayed after an outage, reading that consumes
-nothing, purge by reason, a file that names an unknown dead letter refused, a replay by reason
-streamed (each match once, the rest left)."""
+nothing, purge by reason, a file that names an unknown dead letter refused, a replay
+by reason streamed (each match once, the rest left)."""
 
 from __future__ import annotations
 
