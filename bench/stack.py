@@ -73,6 +73,7 @@ def start_worker(settings: Settings, *args: str) -> subprocess.Popen[bytes]:
         "DATABASE_URL": settings.database_url,
         "GOOGLE_CLOUD_PROJECT": settings.google_cloud_project,
         "LOG_LEVEL": "INFO",
+        "PORT": "0",  # its probes on any free port
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "worker", "run", *args],

@@ -19,6 +19,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import httpx
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -47,6 +48,7 @@ def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
         GOOGLE_CLOUD_PROJECT=settings.google_cloud_project,
         PUBSUB_EMULATOR_HOST=settings.pubsub_emulator_host or "",
         LOG_LEVEL="INFO",
+        PORT="0",  # `run` serves its probes on PORT: any free one, as several run at once
     )
     env.update(extra)
     return env
@@ -78,6 +80,7 @@ class WorkerProcess:
         self.process = process
         self.lines: list[str] = []
         self.started = asyncio.Event()
+        self.probe_port: int | None = None
         self._reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
@@ -87,6 +90,8 @@ class WorkerProcess:
             self.lines.append(line)
             if '"worker started"' in line:
                 self.started.set()
+            if '"probes listening"' in line:
+                self.probe_port = int(json.loads(line)["port"])
 
     def terminate(self) -> None:
         self.process.send_signal(signal.SIGTERM)
@@ -207,6 +212,17 @@ async def test_sigterm_drains_and_a_second_run_finishes_exactly_once(
     async with worker_process(pubsub_settings) as first:
         publisher = asyncio.create_task(publish_steadily())
         try:
+            # Cloud Run's probes: alive, and ready once pulling with every dependency up.
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{first.probe_port}") as probe:
+                assert (await probe.get("/healthz")).json() == {"status": "ok"}
+                ready = await probe.get("/readyz")
+            assert ready.status_code == 200, ready.text
+            assert ready.json()["checks"] == {
+                "pulling": True,
+                "database": True,
+                "redis": True,
+                "pubsub": True,
+            }
             await wait_for_count(engine, stored, 300, timeout_s=30)
             at_signal = int(await scalar(engine, stored))
             signalled = time.monotonic()

@@ -218,7 +218,8 @@ class Processes:
         ready_timeout_s: float = 60,
     ) -> WorkerProcess:
         """``python -m worker run *args``; returns once it logged ``worker started``."""
-        child = await self.spawn(name, ["run", *args], env)
+        # Its probes on any free port: several workers run side by side.
+        child = await self.spawn(name, ["run", *args], {"PORT": "0", **env})
         await child.wait_for_log(RUN_READY, timeout_s=ready_timeout_s)
         return child
 

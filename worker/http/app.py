@@ -10,18 +10,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import Receive, Scope, Send
 
 from worker.config import Settings
-from worker.exceptions import WorkerError
 from worker.http import errors, read_routes
+from worker.http.health import readiness
 from worker.http.oidc import PushVerifier
 from worker.http.push_endpoint import PushEndpoint, answer, push_topic, read_capped
 from worker.http.services import Services, services, services_of
-from worker.pubsub.invalidations import INVALIDATION_TOPIC
-from worker.storage.database import connection
 
 log = logging.getLogger(__name__)
 
@@ -131,23 +127,4 @@ def _add_health_routes(app: FastAPI) -> None:
     @app.get("/readyz", tags=["health"], responses={503: {"description": "not ready"}})
     async def readyz(request: Request) -> JSONResponse:
         """Database, Redis and Pub/Sub are reachable."""
-        runtime = services(request).runtime
-        checks = {
-            "database": await _database_ok(runtime.engine),
-            "redis": await runtime.cache.ping(),
-            "pubsub": await runtime.pubsub.reachable(INVALIDATION_TOPIC),
-        }
-        ready = all(checks.values())
-        return JSONResponse(
-            {"status": "ready" if ready else "not_ready", "checks": checks},
-            status_code=200 if ready else 503,
-        )
-
-
-async def _database_ok(engine: AsyncEngine) -> bool:
-    try:
-        async with connection(engine) as conn:
-            await conn.execute(text("SELECT 1"))
-    except WorkerError:
-        return False
-    return True
+        return (await readiness(services(request).runtime)).response()

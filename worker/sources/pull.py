@@ -211,6 +211,13 @@ class PullSource:
         await self._settle()
 
     @property
+    def running(self) -> bool:
+        """Every loop of this source is still going (a supervised loop that failed was
+        restarted; one that ended did so for good)."""
+        tasks = [*self._pulling, *self._background]
+        return bool(tasks) and not any(task.done() for task in tasks)
+
+    @property
     def outstanding(self) -> int:
         return len(self._outstanding)
 

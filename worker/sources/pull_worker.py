@@ -1,5 +1,9 @@
 """``utxoiq-worker run``: the pull worker, one asyncio process for its topics.
 
+It also serves ``/healthz`` and ``/readyz`` on ``PORT`` (``worker.http.health``) so
+that Cloud Run can probe it: ready once pulling and while its dependencies answer,
+not ready from the stop signal on.
+
 Shutdown (SIGTERM or SIGINT) fits Cloud Run's 10 s: stop pulling (pulls in flight
 return within ``pull_timeout_s``), flush and commit what was received, ack it; what
 cannot be committed in the budget is nacked, so nothing is lost and no ack is dropped.
@@ -15,6 +19,7 @@ import time
 from collections.abc import Sequence
 
 from worker.config import Settings
+from worker.http.health import ProbeServer, Readiness, probe_app, readiness
 from worker.pipeline.crash_points import CrashPoints
 from worker.pipeline.settings import BatchSettings
 from worker.runtime import Runtime, tune_garbage_collector
@@ -37,6 +42,7 @@ class PullWorker:
         self.topics = tuple(topics)
         self.pull = pull or PullSettings()
         self.sources: list[PullSource] = []
+        self.stopping = False
 
     async def start(self) -> None:
         """Run the topics' start-up hooks, then pull."""
@@ -54,11 +60,24 @@ class PullWorker:
             source.start()
         log.info("worker started", extra={"topics": list(self.topics)})
 
+    def alive(self) -> bool:
+        """No pull source ended (before the stop, or while starting)."""
+        return self.stopping or not self.sources or all(s.running for s in self.sources)
+
+    async def readiness(self) -> Readiness:
+        """Pulling, not stopping, and the database, Redis and Pub/Sub answer."""
+        pulling = bool(self.sources) and not self.stopping
+        if not pulling:
+            return Readiness({"pulling": False})
+        found = await readiness(self.runtime)
+        return Readiness({"pulling": pulling, **found.checks})
+
     async def stop(self, budget_s: float = SHUTDOWN_BUDGET_S) -> None:
         """Stop pulling, commit what was received, send the last acks and nacks.
 
         The runtime stays open: whoever made it closes it.
         """
+        self.stopping = True
         deadline = time.monotonic() + budget_s
         await asyncio.gather(*(s.stop_pulling() for s in self.sources))
         # Leave a second for the final acks and nacks.
@@ -79,17 +98,21 @@ async def run_worker(
     topics: Sequence[str],
     batch: BatchSettings | None = None,
     pull: PullSettings | None = None,
+    host: str = "0.0.0.0",
 ) -> int:
-    """Pull ``topics`` until SIGTERM or SIGINT, then drain and exit 0."""
+    """Pull ``topics`` until SIGTERM or SIGINT, then drain and exit 0; probes answer on
+    ``settings.port`` meanwhile."""
     tune_garbage_collector()
     # WORKER_CRASH_AT is read once, here (tests only; unset in production).
     runtime = Runtime(settings, registry, crash_points=CrashPoints.from_env(), batch=batch)
     worker = PullWorker(runtime, topics, pull)
+    probes = ProbeServer(probe_app(worker.alive, worker.readiness), settings.port, host)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
+        await probes.start()
         await worker.start()
         await stop.wait()
         log.info("stop signal received, draining")
@@ -97,6 +120,8 @@ async def run_worker(
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
+        worker.stopping = True
         await worker.stop()
+        await probes.stop()
         await runtime.close()
     return 0
