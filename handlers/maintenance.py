@@ -33,6 +33,7 @@ from worker.config import Settings
 from worker.pipeline.crash_points import CrashPoints
 from worker.pipeline.handler import BatchOutcome
 from worker.pipeline.settings import BatchSettings
+from worker.telemetry import Telemetry
 from worker.topics import Topic
 
 log = logging.getLogger(__name__)
@@ -84,9 +85,12 @@ async def rehearse(settings: Settings, order: MaintenanceOrder) -> None:
 class MaintenanceHandler:
     topic = "maintenance"
 
-    def __init__(self, settings: Settings, crash_points: CrashPoints) -> None:
+    def __init__(
+        self, settings: Settings, crash_points: CrashPoints, telemetry: Telemetry | None = None
+    ) -> None:
         self.settings = settings
         self.crash_points = crash_points
+        self.telemetry = telemetry
 
     def parse(self, payload: dict[str, Any], published_at: datetime) -> MaintenanceOrder:
         request = validate(MaintenanceRequest, payload)  # an unknown task is refused here
@@ -116,14 +120,28 @@ class MaintenanceHandler:
         if order.dry_run:
             # Outside the ledger: a rehearsal must not stand for the day's real run.
             await rehearse(self.settings, order)
-        else:
-            await perform(engine, self.settings, order.run, self.crash_points)
+            return
+        try:
+            outcome = await perform(engine, self.settings, order.run, self.crash_points)
+        except Exception:
+            self._count(order.run, "failed")
+            raise
+        self._count(order.run, "succeeded" if outcome.ran else "done_elsewhere")
+        finished = outcome.record.finished_at
+        if self.telemetry is not None and order.run.task == "backup" and finished is not None:
+            self.telemetry.backup_succeeded(finished)
+
+    def _count(self, run: RunKey, outcome: str) -> None:
+        if self.telemetry is not None:
+            self.telemetry.maintenance_runs.add(1, {"task": run.task, "outcome": outcome})
 
 
 TOPIC = Topic(
     name="maintenance",
     subscription="maintenance-worker",
-    build_handler=lambda context: MaintenanceHandler(context.settings, context.crash_points),
+    build_handler=lambda context: MaintenanceHandler(
+        context.settings, context.crash_points, context.telemetry
+    ),
     # One run per flush, a few flushes at once: a backup holds its flush for as long as
     # it runs, and a retention run (or a duplicate waiting on the backup) must not
     # queue behind it.

@@ -26,7 +26,7 @@ from worker.pipeline.settings import BatchSettings
 from worker.pubsub.client import PubSub
 from worker.pubsub.invalidations import InvalidationPublisher
 from worker.storage.cache import Cache, create_redis
-from worker.storage.database import create_engine
+from worker.storage.database import create_engine, pool_use
 from worker.telemetry import Telemetry, create_telemetry
 from worker.topics import Registry
 
@@ -55,6 +55,7 @@ class Runtime:
         self.crash_points = crash_points or CrashPoints.disarmed()
         self.batch = batch
         self.engine = create_engine(settings)
+        self.telemetry.observe_pool(lambda: pool_use(self.engine))
         self.pubsub = PubSub(settings)
         self.dead_letters = DeadLetterPublisher(self.pubsub)
         self.invalidations = InvalidationPublisher(self.pubsub)
@@ -68,7 +69,7 @@ class Runtime:
     @property
     def cache(self) -> Cache:
         if self._cache is None:
-            self._cache = Cache(create_redis(self.settings))
+            self._cache = Cache(create_redis(self.settings), telemetry=self.telemetry)
         return self._cache
 
     # -- topics ------------------------------------------------------------------------

@@ -1,17 +1,25 @@
 """OpenTelemetry instruments of the runtime, exported over OTLP when configured.
 
-Counters of received, committed, dead-lettered and nacked messages per topic;
-histograms of batch size, commit latency and end-to-end lag (commit time minus
-publish time); one span per batch. Without ``OTEL_EXPORTER_OTLP_ENDPOINT`` the
-instruments still work (tests read them with an in-memory reader) but export nowhere.
+Counters of received, committed, dead-lettered (by reason) and nacked messages per
+topic; histograms of batch size, commit latency and end-to-end lag (commit time minus
+publish time); one span per batch, linked to each publisher's trace that its messages
+carry (``worker.pipeline.trace_links``). The read side counts cache hits and misses and
+times each read; pool use and the age of the last good backup are gauges; maintenance
+runs are counted by task and outcome. PostgreSQL, Redis and HTTP spans come from
+OpenTelemetry's own instrumentation (``worker.instrumentation``) when exporting.
+
+Without ``OTEL_EXPORTER_OTLP_ENDPOINT`` the instruments still work (tests read them
+with an in-memory reader) but export nowhere.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
+from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
@@ -20,17 +28,24 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 SERVICE_NAME = "utxoiq-persistence-worker"
 
+PoolReading = Callable[[], dict[str, int]]
+"""Connections of a pool by state (``checked_out``, ``idle``, ``overflow``)."""
+
 
 @dataclass
 class Telemetry:
     meter_provider: MeterProvider
     tracer_provider: TracerProvider
+    exporting: bool = False
+    _pools: list[PoolReading] = field(default_factory=list)
+    _last_backup_at: datetime | None = None
 
     def __post_init__(self) -> None:
         meter = self.meter_provider.get_meter("worker")
         self.tracer = self.tracer_provider.get_tracer("worker")
         self.received = meter.create_counter("worker.messages.received", unit="{message}")
         self.committed = meter.create_counter("worker.messages.committed", unit="{message}")
+        # By topic and reason (CONTRACT.md's dead_letter_reason).
         self.dead_lettered = meter.create_counter("worker.messages.dead_lettered", unit="{message}")
         self.nacked = meter.create_counter("worker.messages.nacked", unit="{message}")
         # Exceptions no code path expected (bugs, inputs nobody foresaw), by stage.
@@ -39,6 +54,38 @@ class Telemetry:
         self.commit_latency_ms = meter.create_histogram("worker.batch.commit_latency", unit="ms")
         # Per batch, the lag of its oldest message: an upper bound for all of them.
         self.lag_ms = meter.create_histogram("worker.batch.end_to_end_lag", unit="ms")
+        # The read path, by cache (the key's first part: feedback, backfill, metrics):
+        # hit or miss, and the read's whole time (a miss includes its query and fill).
+        self.cache_lookups = meter.create_counter("cache.lookups", unit="{lookup}")
+        self.read_duration_ms = meter.create_histogram("read.duration", unit="ms")
+        # By task and outcome (succeeded, failed, done elsewhere).
+        self.maintenance_runs = meter.create_counter("maintenance.runs", unit="{run}")
+        meter.create_observable_gauge(
+            "db.pool.connections", callbacks=[self._observe_pools], unit="{connection}"
+        )
+        meter.create_observable_gauge(
+            "backup.last_success_age", callbacks=[self._observe_backup_age], unit="s"
+        )
+
+    def observe_pool(self, reading: PoolReading) -> None:
+        """Report a pool's connections by state (``db.pool.connections``)."""
+        self._pools.append(reading)
+
+    def backup_succeeded(self, finished_at: datetime) -> None:
+        """A backup run is known to have succeeded at ``finished_at`` (here or by
+        another process): ``backup.last_success_age`` counts from the latest one."""
+        if self._last_backup_at is None or finished_at > self._last_backup_at:
+            self._last_backup_at = finished_at
+
+    def _observe_pools(self, _: CallbackOptions) -> Iterable[Observation]:
+        for reading in self._pools:
+            for state, count in reading().items():
+                yield Observation(count, {"state": state})
+
+    def _observe_backup_age(self, _: CallbackOptions) -> Iterable[Observation]:
+        # Nothing until this process saw a backup settle: an unknown age is not zero.
+        if self._last_backup_at is not None:
+            yield Observation((datetime.now(UTC) - self._last_backup_at).total_seconds())
 
     def shutdown(self) -> None:
         self.meter_provider.shutdown()
@@ -46,15 +93,22 @@ class Telemetry:
 
 
 def create_telemetry(extra_readers: Sequence[MetricReader] = ()) -> Telemetry:
-    """Providers of our own (not the global ones), exporting over OTLP if configured."""
-    resource = Resource.create({"service.name": SERVICE_NAME})
+    """Providers of our own (not the global ones), exporting over OTLP if configured;
+    then PostgreSQL and Redis calls make spans too."""
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", SERVICE_NAME)})
     readers: list[MetricReader] = list(extra_readers)
     tracer_provider = TracerProvider(resource=resource)
-    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+    exporting = bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    if exporting:
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
         tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     meter_provider = MeterProvider(resource=resource, metric_readers=readers)
-    return Telemetry(meter_provider, tracer_provider)
+    telemetry = Telemetry(meter_provider, tracer_provider, exporting)
+    if exporting:
+        from worker.instrumentation import instrument_clients
+
+        instrument_clients(telemetry)
+    return telemetry

@@ -24,6 +24,7 @@ from worker.pubsub import names
 
 if TYPE_CHECKING:
     from worker.storage.cache import Cache
+    from worker.telemetry import Telemetry
 
 
 class HandlerContext(Protocol):
@@ -37,6 +38,9 @@ class HandlerContext(Protocol):
 
     @property
     def crash_points(self) -> CrashPoints: ...
+
+    @property
+    def telemetry(self) -> Telemetry: ...
 
 
 StartHook = Callable[[AsyncEngine], Awaitable[None]]

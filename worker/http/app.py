@@ -18,6 +18,8 @@ from worker.http.health import readiness
 from worker.http.oidc import PushVerifier
 from worker.http.push_endpoint import PushEndpoint, answer, push_topic, read_capped
 from worker.http.services import Services, services, services_of
+from worker.instrumentation import instrument_app
+from worker.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +70,13 @@ class WorkerApp(FastAPI):
 def create_app(
     build: Callable[[], Services] | Services,
     verifier: PushVerifier | None,
+    telemetry: Telemetry | None = None,
 ) -> WorkerApp:
     """The app over the services ``build`` makes when it starts (closed when it stops),
     or over given ``Services`` (left open: the caller owns them). ``verifier`` checks
-    push tokens; None turns push authentication off (the emulator)."""
+    push tokens; None turns push authentication off (the emulator). With an exporting
+    ``telemetry``, the read routes make server spans and metrics (pushes have their
+    batch's span)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -100,6 +105,8 @@ def create_app(
     _add_health_routes(app)
     app.include_router(read_routes.router)
     app.push_endpoint = PushEndpoint(lambda: services_of(app).push, verifier)
+    if telemetry is not None and telemetry.exporting:
+        instrument_app(app, telemetry)
     return app
 
 

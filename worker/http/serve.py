@@ -17,6 +17,7 @@ from worker.http.limits import HeadLimits
 from worker.http.services import Services
 from worker.pipeline.crash_points import CrashPoints
 from worker.runtime import tune_garbage_collector
+from worker.telemetry import create_telemetry
 from worker.topics import Registry
 
 GRACEFUL_SHUTDOWN_S = 8
@@ -43,9 +44,11 @@ async def serve(settings: Settings, registry: Registry, host: str = "0.0.0.0") -
     """Serve until SIGTERM; refuses to start with PUSH_AUTH=required and no audience."""
     # WORKER_CRASH_AT is read once, here (tests only; unset in production).
     crash_points = CrashPoints.from_env()
+    telemetry = create_telemetry()
     app = create_app(
-        lambda: Services.create(settings, registry, crash_points=crash_points),
+        lambda: Services.create(settings, registry, crash_points=crash_points, telemetry=telemetry),
         push_verifier(settings),
+        telemetry,
     )
     server = uvicorn.Server(server_config(app, settings.port, host))
     tune_garbage_collector()

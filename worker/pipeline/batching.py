@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -34,6 +35,7 @@ from worker.pipeline.delivery import Delivery
 from worker.pipeline.handler import BatchOutcome, Handler
 from worker.pipeline.settings import BatchSettings
 from worker.pipeline.supervision import keep_running
+from worker.pipeline.trace_links import links_to_publishers
 from worker.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -234,7 +236,9 @@ class TopicPipeline:
 
     async def _flush(self, batch: list[_Entry]) -> None:
         with self.telemetry.tracer.start_as_current_span(
-            f"batch {self.topic}", attributes={"messaging.batch.message_count": len(batch)}
+            f"batch {self.topic}",
+            attributes={"messaging.batch.message_count": len(batch)},
+            links=links_to_publishers(e.delivery.attributes for e in batch),
         ) as span:
             try:
                 await self._settle(batch)
@@ -347,7 +351,8 @@ class TopicPipeline:
                 },
             )
             delivery.ack()
-        self.telemetry.dead_lettered.add(len(dead), self._attributes)
+        for reason, count in Counter(error.reason for _, error in dead).items():
+            self.telemetry.dead_lettered.add(count, {**self._attributes, "reason": reason})
 
     def _nack(self, deliveries: Sequence[Delivery]) -> None:
         for delivery in deliveries:

@@ -26,12 +26,16 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
 
 from redis import asyncio as aioredis
 from redis.exceptions import MaxConnectionsError, RedisError
 
 from worker.config import Settings
 from worker.exceptions import WorkerError
+
+if TYPE_CHECKING:
+    from worker.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +93,12 @@ def create_redis(settings: Settings) -> aioredis.Redis:
 
 
 class Cache:
-    def __init__(self, redis: aioredis.Redis, breaker_s: float = 1.0) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, breaker_s: float = 1.0, telemetry: Telemetry | None = None
+    ) -> None:
         self.redis = redis
         self.breaker_s = breaker_s
+        self.telemetry = telemetry
         self._down_until = 0.0
         self._fill = redis.register_script(_FILL_IF_UNCHANGED)
         self._invalidate = redis.register_script(_INVALIDATE)
@@ -157,16 +164,23 @@ class Cache:
 
         ``load`` returning None (not found) is not cached.
         """
+        started = time.perf_counter()
         value, token = await self._fetch(key)
-        if value is not None:
-            return value
-        fresh = await load()
-        if fresh is not None and token is not False:
-            try:
-                await self._fill(keys=[key, version_key(key)], args=[fresh, ttl_s, token or ""])
-            except (RedisError, OSError) as error:
-                self._failed("fill", error)
-        return fresh
+        hit = value is not None
+        if not hit:
+            value = await load()
+            if value is not None and token is not False:
+                try:
+                    await self._fill(keys=[key, version_key(key)], args=[value, ttl_s, token or ""])
+                except (RedisError, OSError) as error:
+                    self._failed("fill", error)
+        if self.telemetry is not None:
+            attributes = {"cache": key.partition(":")[0]}
+            self.telemetry.cache_lookups.add(1, {**attributes, "result": "hit" if hit else "miss"})
+            self.telemetry.read_duration_ms.record(
+                (time.perf_counter() - started) * 1000, attributes
+            )
+        return value
 
     async def invalidate(self, keys: Sequence[str]) -> None:
         """New version tokens and deleted values for ``keys``, each key atomically

@@ -83,6 +83,16 @@ def create_engine(settings: Settings, **overrides: Any) -> AsyncEngine:
     return engine
 
 
+def pool_use(engine: AsyncEngine) -> dict[str, int]:
+    """The pool's connections by state: in use, idle, and beyond its size (overflow)."""
+    pool: Any = engine.sync_engine.pool
+    return {
+        "checked_out": int(pool.checkedout()),
+        "idle": int(pool.checkedin()),
+        "overflow": max(0, int(pool.overflow())),
+    }
+
+
 def _drop_closed_connections(
     dbapi_connection: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
 ) -> None:

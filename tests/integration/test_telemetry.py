@@ -1,0 +1,126 @@
+"""Telemetry against the real stack: a batch span linked to its publishers' traces,
+with PostgreSQL's spans (OpenTelemetry's asyncpg instrumentation) inside it; dead
+letters counted by reason; the read path's hits, misses and durations; pool use."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from tests.support.cache import own_redis_db
+from tests.support.emulator import message, publish, running_worker, wait_for
+from tests.support.factories import feedback_payload
+from tests.support.topics import REGISTRY
+from worker.config import Settings
+from worker.http.services import Services
+from worker.instrumentation import instrument_clients, uninstrument_clients
+from worker.pubsub.client import PubSub
+from worker.telemetry import Telemetry, create_telemetry
+
+TRACE, SPAN = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+
+
+class Recorded:
+    def __init__(self) -> None:
+        self.metrics = InMemoryMetricReader()
+        self.spans = InMemorySpanExporter()
+        self.telemetry: Telemetry = create_telemetry(extra_readers=[self.metrics])
+        self.telemetry.tracer_provider.add_span_processor(SimpleSpanProcessor(self.spans))
+
+    def points(self, name: str) -> list[tuple[dict[str, Any], Any]]:
+        """Every data point of ``name``: its attributes and the point."""
+        found = []
+        data = self.metrics.get_metrics_data()
+        for rm in data.resource_metrics if data else ():
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    if metric.name == name:
+                        found += [(dict(p.attributes or {}), p) for p in metric.data.data_points]
+        return found
+
+    def finished(self, name: str) -> list[ReadableSpan]:
+        return [s for s in self.spans.get_finished_spans() if s.name == name]
+
+
+@pytest.fixture
+def recorded() -> Iterator[Recorded]:
+    found = Recorded()
+    instrument_clients(found.telemetry)
+    try:
+        yield found
+    finally:
+        uninstrument_clients()
+
+
+async def test_a_batch_links_its_publishers_traces_and_holds_its_queries(
+    pubsub_settings: Settings, pubsub: PubSub, recorded: Recorded
+) -> None:
+    traced = message(feedback_payload(user_id="u1"), traceparent=f"00-{TRACE}-{SPAN}-01")
+    poison = message(b"{not json")
+    async with running_worker(pubsub_settings, topics=("feedback",), telemetry=recorded.telemetry):
+        await publish(pubsub, "feedback", [traced, poison])
+
+        async def dead_lettered() -> dict[str, int]:
+            points = recorded.points("worker.messages.dead_lettered")
+            return {attributes["reason"]: int(point.value) for attributes, point in points}
+
+        await wait_for(
+            dead_lettered, lambda found: found == {"invalid_json": 1}, what="a dead letter"
+        )
+        await wait_for(
+            probe_spans(recorded), lambda spans: any(s.links for s in spans), what="a linked span"
+        )
+
+    [batch] = [s for s in recorded.finished("batch feedback") if s.links]
+    linked = [(f"{k.context.trace_id:032x}", f"{k.context.span_id:016x}") for k in batch.links]
+    assert linked == [(TRACE, SPAN)]
+    assert batch.context is not None
+    queries = [
+        s
+        for s in recorded.spans.get_finished_spans()
+        if s.instrumentation_scope is not None
+        and "asyncpg" in s.instrumentation_scope.name
+        and s.context is not None
+        and s.context.trace_id == batch.context.trace_id
+    ]
+    assert queries, "no PostgreSQL span inside the batch's trace"
+
+
+def probe_spans(recorded: Recorded) -> Any:
+    async def probe() -> list[ReadableSpan]:
+        return recorded.finished("batch feedback")
+
+    return probe
+
+
+async def test_reads_count_hits_and_misses_and_the_pool_is_observed(
+    pubsub_settings: Settings, recorded: Recorded
+) -> None:
+    async with own_redis_db(pubsub_settings) as rdb:
+        services = Services.create(rdb.settings, REGISTRY, telemetry=recorded.telemetry)
+        try:
+            insight = f"insight-{uuid.uuid4().hex[:8]}"
+            await services.reads.get_feedback_stats(insight)  # a miss, then a fill
+            await services.reads.get_feedback_stats(insight)  # a hit
+        finally:
+            await services.close()
+
+    lookups = {a["result"]: int(p.value) for a, p in recorded.points("cache.lookups")}
+    assert lookups == {"miss": 1, "hit": 1}
+    [(attributes, durations)] = recorded.points("read.duration")
+    assert attributes == {"cache": "feedback"} and durations.count == 2
+    states = {a["state"] for a, _ in recorded.points("db.pool.connections")}
+    assert states == {"checked_out", "idle", "overflow"}
+    redis_spans = [
+        s
+        for s in recorded.spans.get_finished_spans()
+        if s.instrumentation_scope is not None and "redis" in s.instrumentation_scope.name
+    ]
+    assert redis_spans, "no Redis span"
