@@ -81,3 +81,12 @@ resource "google_pubsub_subscription_iam_member" "worker_pulls" {
   role         = "roles/pubsub.subscriber"
   member       = google_service_account.runtime["worker"].member
 }
+
+# Readiness asks Pub/Sub for the invalidation topic (GetTopic), which publishing alone
+# does not allow.
+resource "google_pubsub_topic_iam_member" "runtime_checks_readiness" {
+  for_each = toset(["serve", "worker"])
+  topic    = google_pubsub_topic.topics[var.invalidation_topic].id
+  role     = "roles/pubsub.viewer"
+  member   = google_service_account.runtime[each.value].member
+}

@@ -21,6 +21,7 @@ from hcl2 import SerializationOptions
 
 from schemas.maintenance import MaintenanceRequest
 from worker.config import Settings
+from worker.pubsub.invalidations import INVALIDATION_TOPIC
 
 ROOT = Path(__file__).resolve().parents[2]
 TERRAFORM = ROOT / "deploy" / "terraform"
@@ -103,7 +104,15 @@ def test_the_topology_is_the_rendered_file_not_a_second_list() -> None:
     for entry in TOPOLOGY["subscriptions"]:
         assert f'"{entry["name"]}"' not in module().text, entry["name"]
     invalidation = module().variables["invalidation_topic"]["default"]
-    assert invalidation in TOPOLOGY["topics"]
+    assert invalidation == INVALIDATION_TOPIC and invalidation in TOPOLOGY["topics"]
+
+
+def test_readiness_may_ask_pubsub_for_the_topic_it_checks() -> None:
+    # /readyz sends GetTopic for INVALIDATION_TOPIC: publisher alone does not allow it.
+    grant = resource("google_pubsub_topic_iam_member", "runtime_checks_readiness")
+    assert grant["topic"] == "${google_pubsub_topic.topics[var.invalidation_topic].id}"
+    assert grant["role"] == "roles/pubsub.viewer"
+    assert grant["for_each"] == '${toset(["serve", "worker"])}'
 
 
 @pytest.mark.parametrize(
