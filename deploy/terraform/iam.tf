@@ -55,16 +55,16 @@ resource "google_secret_manager_secret_iam_member" "runtime" {
 # Pub/Sub's push identity may invoke `serve`, and nothing else.
 resource "google_cloud_run_v2_service_iam_member" "push_invokes_serve" {
   count    = local.push ? 1 : 0
-  name     = google_cloud_run_v2_service.serve.name
-  location = google_cloud_run_v2_service.serve.location
+  name     = module.serve.name
+  location = module.serve.location
   role     = "roles/run.invoker"
   member   = google_service_account.push.member
 }
 
 resource "google_cloud_run_v2_service_iam_member" "read_api_invokers" {
   for_each = toset(var.read_api_invokers)
-  name     = google_cloud_run_v2_service.serve.name
-  location = google_cloud_run_v2_service.serve.location
+  name     = module.serve.name
+  location = module.serve.location
   role     = "roles/run.invoker"
   member   = each.value
 }

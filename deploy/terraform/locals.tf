@@ -54,10 +54,20 @@ locals {
     LOG_LEVEL               = var.log_level
   }
   # Telemetry goes over OTLP to a collector beside the container (deploy/otel-collector.yaml).
-  collector = var.otel_collector_image == "" ? [] : [var.otel_collector_image]
   otel_env = var.otel_collector_image == "" ? {} : {
     OTEL_EXPORTER_OTLP_ENDPOINT = "http://localhost:4317"
     OTEL_SERVICE_NAME           = var.name
+  }
+  # What both services run on: their size, the database socket, the network, telemetry.
+  platform = {
+    cpu                      = var.cpu
+    memory                   = var.memory
+    cloud_sql_instance       = var.cloud_sql_instance
+    vpc_network              = var.vpc_network
+    vpc_subnetwork           = var.vpc_subnetwork
+    collector_image          = var.otel_collector_image
+    collector_config_secret  = google_secret_manager_secret.config["otel-collector-config"].secret_id
+    collector_config_version = google_secret_manager_secret_version.otel_collector_config.version
   }
   secret_env = {
     DATABASE_URL = google_secret_manager_secret.config["database-url"].secret_id

@@ -1,6 +1,6 @@
 # Alerts, each with what it means and what to do (README: Operations, alerts).
 locals {
-  service_names = compact([google_cloud_run_v2_service.serve.name, local.push ? "" : "${var.name}-worker"])
+  service_names = compact([module.serve.name, local.push ? "" : "${var.name}-worker"])
   service_logs  = "resource.type=\"cloud_run_revision\" AND resource.labels.service_name=(${join(" OR ", [for s in local.service_names : "\"${s}\""])})"
   quoted_subscriptions = {
     worker      = join(", ", [for s in keys(local.worker_subscriptions) : "\"${s}\""])

@@ -1,11 +1,11 @@
 output "serve_url" {
   description = "URL of `serve` (push endpoint base and read API)."
-  value       = google_cloud_run_v2_service.serve.uri
+  value       = module.serve.uri
 }
 
 output "worker_service" {
   description = "Name of the pull worker service (null in push mode)."
-  value       = local.push ? null : google_cloud_run_v2_service.worker[0].name
+  value       = local.push ? null : module.worker[0].name
 }
 
 output "backup_url" {

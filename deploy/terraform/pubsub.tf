@@ -25,7 +25,7 @@ resource "google_pubsub_subscription" "worker" {
   dynamic "push_config" {
     for_each = local.push ? [each.value.topic] : []
     content {
-      push_endpoint = "${google_cloud_run_v2_service.serve.uri}/push/${push_config.value}"
+      push_endpoint = "${module.serve.uri}/push/${push_config.value}"
       oidc_token {
         service_account_email = google_service_account.push.email
         audience              = local.push_audience

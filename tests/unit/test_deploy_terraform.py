@@ -41,6 +41,7 @@ class Module:
     variables: dict[str, dict[str, Any]] = field(default_factory=dict)
     locals: dict[str, Any] = field(default_factory=dict)
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    calls: dict[str, dict[str, Any]] = field(default_factory=dict)  # module blocks
     text: str = ""
 
 
@@ -51,11 +52,13 @@ def load(path: Path) -> dict[str, Any]:
 
 
 @cache
-def module() -> Module:
+def module(folder: Path = TERRAFORM) -> Module:
     found = Module()
-    for path in sorted(TERRAFORM.glob("*.tf")):
+    for path in sorted(folder.glob("*.tf")):
         parsed = load(path)
         found.text += path.read_text()
+        for block in parsed.get("module", []):
+            found.calls.update(block)
         for block in parsed.get("resource", []):
             for kind, named in block.items():
                 for name, body in named.items():
@@ -139,9 +142,7 @@ def test_push_mode_pushes_each_topic_to_its_route_with_an_oidc_token() -> None:
     push = dynamic["push_config"]
     assert push["for_each"] == "${local.push ? [each.value.topic] : []}"
     [content] = push["content"]
-    assert content["push_endpoint"] == (
-        "${google_cloud_run_v2_service.serve.uri}/push/${push_config.value}"
-    )
+    assert content["push_endpoint"] == ("${module.serve.uri}/push/${push_config.value}")
     [token] = content["oidc_token"]
     assert token["audience"] == "${local.push_audience}"
     # serve checks that audience and that identity (PUSH_AUDIENCE, PUSH_SERVICE_ACCOUNTS)
@@ -149,8 +150,7 @@ def test_push_mode_pushes_each_topic_to_its_route_with_an_oidc_token() -> None:
     assert env["PUSH_AUDIENCE"] == "local.push_audience"
     assert env["PUSH_SERVICE_ACCOUNTS"] == "google_service_account.push.email"
     assert token["service_account_email"] == "${google_service_account.push.email}"
-    serve = resource("google_cloud_run_v2_service", "serve")
-    assert serve["custom_audiences"] == ["${local.push_audience}"]
+    assert module().calls["serve"]["custom_audiences"] == ["${local.push_audience}"]
 
 
 def test_pubsub_s_service_agent_may_forward_dead_letters() -> None:
@@ -218,24 +218,37 @@ def settings_variables() -> set[str]:
 
 
 NAMED = re.compile(r"\b([A-Z][A-Z0-9_]+)\s*=\s*([^\n,}]+)")
+SERVICE = TERRAFORM / "service"
 
 
 def module_env(service: str) -> dict[str, str]:
-    """The environment variables ``service`` is given: name -> value expression."""
-    container = resource("google_cloud_run_v2_service", service)["template"][0]["containers"][0]
+    """The environment variables ``service`` is given: name -> value expression (the
+    inline ones and those of the ``*_env`` locals it merges)."""
+    call = module().calls[service]
     found: dict[str, str] = {}
-    for dynamic in container["dynamic"]:
-        if "env" not in dynamic:
-            continue
-        source = dynamic["env"]["for_each"]
+    for argument in ("env", "secret_env"):
+        source = call[argument]
         for local in re.findall(r"local\.(\w+_env)", source):
             value = module().locals[local]
-            text = json.dumps(value) if isinstance(value, dict) else value
-            found.update({k: v.strip() for k, v in NAMED.findall(text.replace('"', ""))})
             if isinstance(value, dict):
                 found.update({k: str(v) for k, v in value.items()})
+            else:
+                found.update({k: v.strip() for k, v in NAMED.findall(value.replace('"', ""))})
         found.update({k: v.strip() for k, v in NAMED.findall(source)})
     return found
+
+
+def test_the_service_module_gives_its_container_every_variable_and_secret() -> None:
+    service = module(SERVICE).resources[("google_cloud_run_v2_service", "this")]
+    [container] = service["template"][0]["containers"]
+    sources = [d["env"]["for_each"] for d in container["dynamic"] if "env" in d]
+    assert sources == ["${var.env}", "${var.secret_env}"]
+    assert container["args"] == "${var.args}"
+    probes = {"startup_probe": "/readyz", "liveness_probe": "/healthz"}
+    for probe, path in probes.items():
+        assert container[probe][0]["http_get"][0]["path"] == path
+    for name in ("serve", "worker"):
+        assert module().calls[name]["source"] == "./service"
 
 
 @pytest.mark.parametrize("service", ["serve", "worker"])
@@ -259,12 +272,26 @@ def test_every_secret_referenced_exists() -> None:
         assert "google_secret_manager_secret.config" in value
 
 
-def test_variables_are_declared_documented_and_used() -> None:
-    declared = module().variables
-    used = set(re.findall(r"\bvar\.(\w+)", module().text))
+@pytest.mark.parametrize("folder", [TERRAFORM, SERVICE], ids=["root", "service"])
+def test_variables_are_declared_documented_and_used(folder: Path) -> None:
+    declared = module(folder).variables
+    used = set(re.findall(r"\bvar\.(\w+)", module(folder).text))
     assert used == set(declared), (used - set(declared), set(declared) - used)
     for name, spec in declared.items():
         assert spec.get("description"), f"variable {name} has no description"
+
+
+def test_every_module_argument_is_a_variable_and_none_required_is_missing() -> None:
+    declared = module(SERVICE).variables
+    required = {n for n, spec in declared.items() if "default" not in spec}
+    for name, call in module().calls.items():
+        given = set(call) - {"source", "count", "depends_on"}
+        assert given <= set(declared), (name, given - set(declared))
+        assert required <= given, (name, required - given)
+
+
+def test_the_example_sets_declared_variables_and_every_required_one() -> None:
+    declared = module().variables
     example = load(TERRAFORM / "terraform.tfvars.example")
     assert set(example) <= set(declared), set(example) - set(declared)
     required = {n for n, spec in declared.items() if "default" not in spec}
