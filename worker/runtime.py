@@ -19,6 +19,7 @@ from collections.abc import Iterable
 
 from worker.config import Settings
 from worker.exceptions import WorkerError
+from worker.instrumentation import instrument_clients
 from worker.pipeline.batching import TopicPipeline
 from worker.pipeline.crash_points import CrashPoints
 from worker.pipeline.dead_letters import DeadLetterPublisher
@@ -52,6 +53,8 @@ class Runtime:
         self.settings = settings
         self.registry = registry
         self.telemetry = telemetry or create_telemetry()
+        if self.telemetry.exporting:
+            instrument_clients(self.telemetry)  # spans of PostgreSQL and Redis calls
         self.crash_points = crash_points or CrashPoints.disarmed()
         self.batch = batch
         self.engine = create_engine(settings)

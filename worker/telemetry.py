@@ -6,7 +6,8 @@ publish time); one span per batch, linked to each publisher's trace that its mes
 carry (``worker.pipeline.trace_links``). The read side counts cache hits and misses and
 times each read; pool use and the age of the last good backup are gauges; maintenance
 runs are counted by task and outcome. PostgreSQL, Redis and HTTP spans come from
-OpenTelemetry's own instrumentation (``worker.instrumentation``) when exporting.
+OpenTelemetry's own instrumentation (``worker.instrumentation``) when exporting: the
+runtime and the HTTP app turn it on.
 
 Without ``OTEL_EXPORTER_OTLP_ENDPOINT`` the instruments still work (tests read them
 with an in-memory reader) but export nowhere.
@@ -93,8 +94,7 @@ class Telemetry:
 
 
 def create_telemetry(extra_readers: Sequence[MetricReader] = ()) -> Telemetry:
-    """Providers of our own (not the global ones), exporting over OTLP if configured;
-    then PostgreSQL and Redis calls make spans too."""
+    """Providers of our own (not the global ones), exporting over OTLP if configured."""
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", SERVICE_NAME)})
     readers: list[MetricReader] = list(extra_readers)
     tracer_provider = TracerProvider(resource=resource)
@@ -106,9 +106,4 @@ def create_telemetry(extra_readers: Sequence[MetricReader] = ()) -> Telemetry:
         readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
         tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     meter_provider = MeterProvider(resource=resource, metric_readers=readers)
-    telemetry = Telemetry(meter_provider, tracer_provider, exporting)
-    if exporting:
-        from worker.instrumentation import instrument_clients
-
-        instrument_clients(telemetry)
-    return telemetry
+    return Telemetry(meter_provider, tracer_provider, exporting)
