@@ -1,6 +1,7 @@
 """Telemetry against the real stack: a batch span linked to its publishers' traces,
 with PostgreSQL's spans (OpenTelemetry's asyncpg instrumentation) inside it; dead
-letters counted by reason; the read path's hits, misses and durations; pool use."""
+letters counted by reason; the read path's hits, misses and durations; pool use; the
+read API's server spans (OpenTelemetry's FastAPI instrumentation), probes left out."""
 
 from __future__ import annotations
 
@@ -8,17 +9,20 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from tests.support.cache import own_redis_db
 from tests.support.emulator import message, publish, running_worker, wait_for
 from tests.support.factories import feedback_payload
 from tests.support.topics import REGISTRY
 from worker.config import Settings
+from worker.http.app import create_app
 from worker.http.services import Services
 from worker.instrumentation import instrument_clients, uninstrument_clients
 from worker.pubsub.client import PubSub
@@ -124,3 +128,23 @@ async def test_reads_count_hits_and_misses_and_the_pool_is_observed(
         if s.instrumentation_scope is not None and "redis" in s.instrumentation_scope.name
     ]
     assert redis_spans, "no Redis span"
+
+
+async def test_read_requests_make_server_spans_and_probes_none(
+    pubsub_settings: Settings, recorded: Recorded
+) -> None:
+    recorded.telemetry.exporting = True  # as with OTEL_EXPORTER_OTLP_ENDPOINT set
+    async with own_redis_db(pubsub_settings) as rdb:
+        services = Services.create(rdb.settings, REGISTRY, telemetry=recorded.telemetry)
+        app = create_app(services, None, recorded.telemetry)
+        try:
+            async with app.router.lifespan_context(app):
+                transport = httpx.ASGITransport(app=app)
+                async with httpx.AsyncClient(transport=transport, base_url="http://w") as client:
+                    assert (await client.get("/v1/feedback/insight-1/stats")).status_code == 200
+                    assert (await client.get("/healthz")).status_code == 200
+        finally:
+            await services.close()
+
+    names = {s.name for s in recorded.spans.get_finished_spans() if s.kind == SpanKind.SERVER}
+    assert names == {"GET /v1/feedback/{insight_id}/stats"}
