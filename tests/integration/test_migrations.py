@@ -25,6 +25,7 @@ from worker.storage.migrate import alembic_config, downgrade, head_revision, upg
 OUR_TABLES = {
     "backfill_jobs",
     "insight_feedback",
+    "insight_feedback_stats",
     "system_metrics",
     "system_metric_ids",
     "maintenance_runs",
@@ -74,8 +75,8 @@ def months_from(year: int, month: int, count: int) -> list[tuple[int, int]]:
 
 async def test_head_matches_the_models(database_url: str, engine: AsyncEngine) -> None:
     assert await tables(engine) >= OUR_TABLES
-    assert await scalar(engine, "SELECT version_num FROM alembic_version") == "0003"
-    assert head_revision() == "0003"
+    assert await scalar(engine, "SELECT version_num FROM alembic_version") == "0004"
+    assert head_revision() == "0004"
     await alembic_check(database_url)
 
 
@@ -111,6 +112,31 @@ async def test_downgrade_base_then_upgrade_head(
     fresh = DatabaseService(engine, None)
     await fresh.record_metric(sample(timestamp=datetime.now(UTC)))
     assert await scalar(engine, "SELECT count(*) FROM system_metrics") == 1
+
+
+async def test_the_stats_migration_counts_the_rows_stored_before_it(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    await engine.dispose()
+    await downgrade(settings, "0003")
+    async with engine.begin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO insight_feedback (insight_id, user_id, rating, comment, flag_type,"
+                " created_at, updated_at, event_key) VALUES"
+                " ('i1', 'u1', 4, 'ok', NULL, now(), now(), '\\x00'),"
+                " ('i1', 'u2', 2, NULL, 'spam', now(), now(), '\\x00'),"
+                " ('i2', 'u1', NULL, '', NULL, now(), now(), '\\x00')"
+            )
+        )
+    await engine.dispose()
+    await upgrade(settings, REGISTRY)
+    stats = DatabaseService(engine, None)
+    first = await stats.get_feedback_stats("i1")
+    assert (first.total_ratings, first.average_rating, first.total_comments) == (2, 3.0, 1)
+    assert (first.total_flags, first.flag_types) == (1, {"spam": 1})
+    second = await stats.get_feedback_stats("i2")
+    assert (second.total_ratings, second.total_comments) == (0, 0)
 
 
 async def test_partitions_exist_for_this_month_and_the_next(engine: AsyncEngine) -> None:

@@ -258,3 +258,9 @@ async def test_feedback_any_order_any_duplicates_any_batches(
         assert stats.rating_distribution == {n: ratings.count(n) for n in range(1, 6)}
         comments = [r for (i, _), r in expected.items() if i == insight and r["comment"]]
         assert stats.total_comments == len(comments)
+        flags = [
+            r["flag_type"] for (i, _), r in expected.items() if i == insight and r["flag_type"]
+        ]
+        assert stats.total_flags == len(flags)
+        assert stats.flag_types == {f: flags.count(f) for f in set(flags)}
+        assert stats.average_rating == (round(sum(ratings) / len(ratings), 4) if ratings else 0)

@@ -5,42 +5,49 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, bindparam, func, select
+from sqlalchemy import Select, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from schemas.feedback import FLAG_TYPES, FeedbackRecord, FeedbackStats
 from worker.read.ranges import within
-from worker.storage.tables import insight_feedback
+from worker.storage.tables import insight_feedback, insight_feedback_stats
 
 
 def _stats_statement() -> Select[*tuple[Any, ...]]:
-    fb = insight_feedback.c
-    return select(
-        func.count(fb.rating).label("total_ratings"),
-        func.coalesce(func.avg(fb.rating), 0).label("average_rating"),
-        func.count().filter(func.length(fb.comment) > 0).label("total_comments"),
-        func.count(fb.flag_type).label("total_flags"),
-        *(func.count().filter(fb.rating == n).label(f"r{n}") for n in range(1, 6)),
-        *(func.count().filter(fb.flag_type == f).label(f"f_{f}") for f in FLAG_TYPES),
-    ).where(fb.insight_id == bindparam("insight_id"))
+    return select(insight_feedback_stats).where(
+        insight_feedback_stats.c.insight_id == bindparam("insight_id")
+    )
 
 
-# Built once: every cache miss runs it, and building a 13-column select (and its
-# cache key) costs more CPU than the query's round trip.
+# Built once: every cache miss runs it, and building a select (and its cache key)
+# costs more CPU than the query's round trip.
 _STATS = _stats_statement()
 
 
 async def stats(conn: AsyncConnection, insight_id: str) -> FeedbackStats:
-    """``FeedbackStats`` of one insight in one aggregate query (zeros when none)."""
-    row = (await conn.execute(_STATS, {"insight_id": insight_id})).one()._mapping
+    """``FeedbackStats`` of one insight: one row of ``insight_feedback_stats``, which
+    triggers keep equal to the aggregate of its feedback rows (zeros when none)."""
+    row = (await conn.execute(_STATS, {"insight_id": insight_id})).one_or_none()
+    counts: dict[str, int] = dict(row._mapping) if row is not None else {}
+    return stats_of(insight_id, counts)
+
+
+def stats_of(insight_id: str, counts: dict[str, Any]) -> FeedbackStats:
+    """The response for one insight's counters (``insight_feedback_stats``' columns;
+    a missing one is 0)."""
+
+    def count(name: str) -> int:
+        return int(counts.get(name) or 0)
+
+    total = count("total_ratings")
     return FeedbackStats(
         insight_id=insight_id,
-        total_ratings=row["total_ratings"],
-        average_rating=round(float(row["average_rating"]), 4),
-        rating_distribution={n: row[f"r{n}"] for n in range(1, 6)},
-        total_comments=row["total_comments"],
-        total_flags=row["total_flags"],
-        flag_types={f: row[f"f_{f}"] for f in FLAG_TYPES if row[f"f_{f}"]},
+        total_ratings=total,
+        average_rating=round(count("rating_sum") / total, 4) if total else 0.0,
+        rating_distribution={n: count(f"ratings_{n}") for n in range(1, 6)},
+        total_comments=count("total_comments"),
+        total_flags=count("total_flags"),
+        flag_types={f: count(f"flags_{f}") for f in FLAG_TYPES if count(f"flags_{f}")},
     )
 
 

@@ -7,6 +7,7 @@ column added here without a migration fails the test suite.
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     CheckConstraint,
     Column,
@@ -101,6 +102,27 @@ insight_feedback = Table(
     Index("idx_feedback_created", text("created_at DESC")),
     # Retention's order: oldest update first.
     Index("idx_feedback_updated", "updated_at", "id"),
+)
+
+# Kept by triggers on insight_feedback, in the writing statement (migration 0004): a
+# cache miss of an insight's stats reads one row, however many ratings it has.
+insight_feedback_stats = Table(
+    "insight_feedback_stats",
+    metadata,
+    Column("insight_id", String(100), nullable=False),
+    Column("total_ratings", Integer, nullable=False, server_default=text("0")),
+    Column("rating_sum", BigInteger, nullable=False, server_default=text("0")),
+    *(
+        Column(f"ratings_{n}", Integer, nullable=False, server_default=text("0"))
+        for n in range(1, 6)
+    ),
+    Column("total_comments", Integer, nullable=False, server_default=text("0")),
+    Column("total_flags", Integer, nullable=False, server_default=text("0")),
+    *(
+        Column(f"flags_{f}", Integer, nullable=False, server_default=text("0"))
+        for f in ("inaccurate", "misleading", "spam", "other")
+    ),
+    PrimaryKeyConstraint("insight_id", name="pk_insight_feedback_stats"),
 )
 
 # Partitioned by month on "timestamp" (see the migration): the primary key must then
