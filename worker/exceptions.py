@@ -169,3 +169,7 @@ class MaintenanceError(WorkerError):
     what failed and what an operator can do."""
 
     transient = True
+
+
+class StartupError(WorkerError):
+    """The process cannot start as configured (e.g. its port is taken)."""

@@ -8,6 +8,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -353,6 +354,21 @@ async def current_state(engine: AsyncEngine) -> dict[str, Any]:
         metric_ids = {r[0] for r in await conn.execute(text("SELECT id FROM system_metrics"))}
         metric_rows = (await conn.execute(text("SELECT count(*) FROM system_metrics"))).scalar()
     return {"jobs": jobs, "feedback": feedback, "metric_ids": metric_ids, "rows": metric_rows}
+
+
+async def test_run_refuses_to_start_when_its_probe_port_is_taken(settings: Settings) -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = cli_env(settings, PORT=str(port), PUBSUB_EMULATOR_HOST="127.0.0.1:1")
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "worker", "run", env=env, cwd=ROOT,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 1, err
+    assert f"cannot serve the probes on port {port}".encode() in err
 
 
 async def test_two_processes_on_the_same_subscriptions_give_one_process_s_result(

@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from worker.exceptions import WorkerError
+from worker.exceptions import StartupError, WorkerError
 from worker.pubsub.invalidations import INVALIDATION_TOPIC
 from worker.runtime import Runtime
 from worker.storage.database import connection
@@ -96,14 +96,21 @@ class ProbeServer:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Listening once this returns; a port in use raises."""
-        self._task = asyncio.create_task(self._server.serve(), name="probe-server")
+        """Listening once this returns; ``StartupError`` when it cannot listen."""
+        self._task = asyncio.create_task(self._serve(), name="probe-server")
         while not self._server.started:
             if self._task.done():
-                self._task.result()  # uvicorn's error, or:
-                raise OSError("the probe server stopped before it listened")
+                self._task.result()  # its StartupError
+                raise StartupError("the probe server stopped before it listened")
             await asyncio.sleep(0.01)
         log.info("probes listening", extra={"port": self.port})
+
+    async def _serve(self) -> None:
+        try:
+            await self._server.serve()
+        except SystemExit as exit_:  # uvicorn's answer to a port it cannot bind (logged)
+            port = self._server.config.port
+            raise StartupError(f"cannot serve the probes on port {port}") from exit_
 
     @property
     def port(self) -> int:

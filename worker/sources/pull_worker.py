@@ -113,6 +113,10 @@ async def run_worker(
         loop.add_signal_handler(sig, stop.set)
     try:
         await probes.start()
+    except BaseException:
+        await runtime.close()
+        raise
+    try:
         await worker.start()
         await stop.wait()
         log.info("stop signal received, draining")
