@@ -279,6 +279,8 @@ def test_variables_are_declared_documented_and_used(folder: Path) -> None:
     assert used == set(declared), (used - set(declared), set(declared) - used)
     for name, spec in declared.items():
         assert spec.get("description"), f"variable {name} has no description"
+    for name, spec in module(folder).outputs.items():
+        assert spec.get("description"), f"output {name} has no description"
 
 
 def test_every_module_argument_is_a_variable_and_none_required_is_missing() -> None:
