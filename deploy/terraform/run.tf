@@ -27,7 +27,7 @@ module "serve" {
 
 # The pull worker (`run`), pull mode only: CPU always allocated (it works between
 # requests: it receives none), at least one instance, reachable by nobody; Cloud Run
-# probes its /healthz and /readyz on PORT.
+# probes its /healthz on PORT (/readyz answers operators: dependencies up, pulling).
 module "worker" {
   source = "./service"
   count  = local.push ? 0 : 1

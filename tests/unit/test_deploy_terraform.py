@@ -244,7 +244,7 @@ def test_the_service_module_gives_its_container_every_variable_and_secret() -> N
     sources = [d["env"]["for_each"] for d in container["dynamic"] if "env" in d]
     assert sources == ["${var.env}", "${var.secret_env}"]
     assert container["args"] == "${var.args}"
-    probes = {"startup_probe": "/readyz", "liveness_probe": "/healthz"}
+    probes = {"startup_probe": "/healthz", "liveness_probe": "/healthz"}
     for probe, path in probes.items():
         assert container[probe][0]["http_get"][0]["path"] == path
     for name in ("serve", "worker"):

@@ -95,13 +95,14 @@ resource "google_cloud_run_v2_service" "this" {
         name       = "cloudsql"
         mount_path = "/cloudsql"
       }
-      # Ready once it can do its work (dependencies answer; `run`: pulling), then
-      # alive for as long as its loops run (worker/http/health.py).
+      # Started once it answers, then alive for as long as its loops run
+      # (worker/http/health.py). Not /readyz: it fails while Redis is down, and the
+      # worker is built to go on without Redis; an instance must still start then.
       startup_probe {
         period_seconds    = 2
         failure_threshold = 30
         http_get {
-          path = "/readyz"
+          path = "/healthz"
         }
       }
       liveness_probe {
