@@ -5,31 +5,24 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, bindparam, select
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from schemas.feedback import FLAG_TYPES, FeedbackRecord, FeedbackStats
 from worker.read.ranges import within
-from worker.storage.tables import insight_feedback, insight_feedback_stats
+from worker.storage.database import single_statement
+from worker.storage.tables import insight_feedback
+
+STATS_SQL = "SELECT * FROM insight_feedback_stats WHERE insight_id = $1"
 
 
-def _stats_statement() -> Select[*tuple[Any, ...]]:
-    return select(insight_feedback_stats).where(
-        insight_feedback_stats.c.insight_id == bindparam("insight_id")
-    )
-
-
-# Built once: every cache miss runs it, and building a select (and its cache key)
-# costs more CPU than the query's round trip.
-_STATS = _stats_statement()
-
-
-async def stats(conn: AsyncConnection, insight_id: str) -> FeedbackStats:
+async def stats(engine: AsyncEngine, insight_id: str) -> FeedbackStats:
     """``FeedbackStats`` of one insight: one row of ``insight_feedback_stats``, which
-    triggers keep equal to the aggregate of its feedback rows (zeros when none)."""
-    row = (await conn.execute(_STATS, {"insight_id": insight_id})).one_or_none()
-    counts: dict[str, int] = dict(row._mapping) if row is not None else {}
-    return stats_of(insight_id, counts)
+    triggers keep equal to the aggregate of its feedback rows (zeros when none). Every
+    cache miss runs it: one statement, one round trip, straight to asyncpg."""
+    async with single_statement(engine) as driver:
+        row = await driver.fetchrow(STATS_SQL, insight_id)
+    return stats_of(insight_id, dict(row) if row is not None else {})
 
 
 def stats_of(insight_id: str, counts: dict[str, Any]) -> FeedbackStats:

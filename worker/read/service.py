@@ -172,8 +172,7 @@ class DatabaseService:
         return rows[0]
 
     async def get_feedback_stats(self, insight_id: str) -> FeedbackStats:
-        async with connection(self.engine) as conn:
-            return await feedback_reads.stats(conn, insight_id)
+        return await feedback_reads.stats(self.engine, insight_id)
 
     async def list_feedback(
         self,

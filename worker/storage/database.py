@@ -226,6 +226,18 @@ async def connection(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
         yield conn
 
 
+@asynccontextmanager
+async def single_statement(engine: AsyncEngine) -> AsyncIterator[Any]:
+    """A pooled asyncpg connection outside any transaction, errors translated: a read
+    of one statement in one round trip (through SQLAlchemy it would be three: BEGIN,
+    the statement, ROLLBACK)."""
+    async with connection(engine) as conn:
+        raw = await conn.get_raw_connection()
+        if raw.driver_connection is None:  # invalidated under us (a dropped connection)
+            raise exc.DatabaseUnavailableError("database connection lost")
+        yield raw.driver_connection
+
+
 async def driver_connection(conn: AsyncConnection) -> Any:
     """The asyncpg connection under ``conn``, inside its transaction.
 
