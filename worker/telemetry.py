@@ -30,7 +30,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 SERVICE_NAME = "utxoiq-persistence-worker"
 
 PoolReading = Callable[[], dict[str, int]]
-"""Connections of a pool by state (``checked_out``, ``idle``, ``overflow``)."""
+"""Open connections of a pool by state (``checked_out``, ``idle``)."""
 
 
 @dataclass
