@@ -124,7 +124,6 @@ async def run_worker(
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
-        worker.stopping = True
         await worker.stop()
         await probes.stop()
         await runtime.close()
