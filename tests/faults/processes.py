@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[2]
 _NOT_INHERITED_PREFIXES = ("DATABASE_", "REDIS_", "WORKER_", "PUSH_", "OTEL_", "BACKUP_")
 _NOT_INHERITED = {"PORT", "GOOGLE_CLOUD_PROJECT", "PUBSUB_EMULATOR_HOST", "HOST", "LOG_LEVEL"}
 RUN_READY = "worker started"
-SERVE_READY_PREFIX = "Uvicorn running on"
+# Logged once every process of ``serve`` listens (by the supervisor, or by a lone one).
+SERVE_READY = "serving"
 LINE_LIMIT_BYTES = 4 * 1024 * 1024
 
 
@@ -61,6 +62,22 @@ def worker_environment(
         env["WORKER_CRASH_AT"] = crash_at
     env.update(extra)
     return env
+
+
+def gone(pid: int) -> bool:
+    """No such process, or only its zombie (it holds no socket any more)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")
+
+
+async def wait_gone(pids: list[int], timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not all(gone(pid) for pid in pids):
+        assert time.monotonic() < deadline, f"still running: {[p for p in pids if not gone(p)]}"
+        await asyncio.sleep(0.05)
 
 
 class WorkerProcess:
@@ -136,6 +153,11 @@ class WorkerProcess:
                     f"{self.name} did not log {matches!r} within {timeout_s}s:\n{self.log_tail()}"
                 )
             await asyncio.sleep(0.05)
+
+    def served_by(self) -> dict[int, int]:
+        """The supervised processes serving now, by index: the pid each last logged
+        ``process serving`` with (empty for a lone process)."""
+        return {e["index"]: e["pid"] for e in self.logged("process serving")}
 
     async def kill(self) -> int:
         """SIGKILL (no shutdown of any kind) and wait; the return code (-9)."""
@@ -232,13 +254,10 @@ class Processes:
         ready_timeout_s: float = 60,
     ) -> WorkerProcess:
         """``python -m worker serve --host 127.0.0.1`` on ``port`` (``PUSH_AUTH=disabled``
-        unless ``env`` says otherwise); returns once uvicorn listens."""
+        unless ``env`` says otherwise); returns once every one of its processes serves."""
         env = {"PUSH_AUTH": "disabled", **env, "PORT": str(port)}
         child = await self.spawn(name, ["serve", "--host", "127.0.0.1"], env)
-        await child.wait_for_log(
-            lambda e: str(e.get("message", "")).startswith(SERVE_READY_PREFIX),
-            timeout_s=ready_timeout_s,
-        )
+        await child.wait_for_log(SERVE_READY, timeout_s=ready_timeout_s)
         return child
 
     async def kill_all(self) -> None:

@@ -342,7 +342,10 @@ async def test_a_crash_point_kills_the_push_server_too(
 ) -> None:
     insight = f"i-{uuid.uuid4().hex[:8]}"
     port = free_port()
-    env = worker_environment(fault_settings, crash_at=CrashPoint.AFTER_COMMIT.value)
+    # One process: the supervisor of several would start a killed one again.
+    env = worker_environment(
+        fault_settings, crash_at=CrashPoint.AFTER_COMMIT.value, WORKER_PROCESSES="1"
+    )
     server = await processes.start_server(env, port)
     envelope = {
         "message": {

@@ -1,10 +1,13 @@
-"""Fault scenario 5: the push server dies mid-run and comes back on its port.
+"""Fault scenario 5: the push server's processes die mid-run, then the whole server,
+and it comes back on its port.
 
-``utxoiq-worker serve`` (``PUSH_AUTH=disabled``: the emulator sends no token) is fed
-by push subscriptions of the emulator, ``cache-invalidation`` included (the Redis
-updater is a push subscription to ``/push/cache-invalidation`` in push mode). While
-phase 1 is published it is SIGKILLed once, with requests in flight, and started
-again on the same port; the emulator retries what got no 204. The verdict of
+``utxoiq-worker serve`` on two processes (``PUSH_AUTH=disabled``: the emulator sends
+no token) is fed by push subscriptions of the emulator, ``cache-invalidation``
+included (the Redis updater is a push subscription to ``/push/cache-invalidation`` in
+push mode). While phase 1 is published, one of its processes is SIGKILLed with
+requests in flight (its supervisor starts it again while the other serves on), then
+the supervisor itself (its processes die with it), and the server is started again
+on the same port; the emulator retries what got no 204. The verdict of
 ``tests/faults/scenario.py`` must hold: 0 lost, 0 applied twice, every poison in its
 dead-letter topic and nothing else there, the Redis invariant once idle.
 
@@ -39,7 +42,7 @@ from google.pubsub_v1 import SubscriberAsyncClient
 
 from tests.faults.conftest import FAULT_REDELIVERY
 from tests.faults.postgres import free_port
-from tests.faults.processes import Processes, worker_environment
+from tests.faults.processes import Processes, wait_gone, worker_environment
 from tests.faults.proxy import TcpProxy
 from tests.faults.push_front import PushRecorder
 from tests.faults.scenario import Scenario
@@ -58,7 +61,9 @@ MESSAGES = int(os.environ.get("FAULT_MESSAGES", "2000"))
 SIGKILLED = -signal.SIGKILL
 
 PUSH_PHASE1_S = 12.0
-PUSH_KILL_S = 6.0
+PROCESS_KILL_S = 3.0
+PUSH_KILL_S = 7.0
+PROCESSES = 2
 # The emulator pushes about 700 requests/s at best, and every committed batch adds
 # an invalidation push: phase 1 stays well under that.
 PUSH_MAX_RATE_PER_S = 250.0
@@ -84,8 +89,9 @@ async def test_scenario_push_server_sigkilled_and_restarted_on_its_port(
     fault_settings: Settings, fault_pubsub: PubSub, processes: Processes
 ) -> None:
     port = free_port()
-    env = worker_environment(fault_settings)
+    env = worker_environment(fault_settings, WORKER_PROCESSES=str(PROCESSES))
     server = await processes.start_server(env, port, name="serve-1")
+    assert len(server.served_by()) == PROCESSES, server.log_tail()
     pushes = PushRecorder()
     with TcpProxy(port, observer=pushes) as front:
         # The fixture applied a pull topology: the same subscriptions become push ones.
@@ -101,15 +107,31 @@ async def test_scenario_push_server_sigkilled_and_restarted_on_its_port(
             "push-server-killed", fault_settings, fault_pubsub, seed=SEED, messages=MESSAGES
         )
         async with scenario.reading(seed=SEED), scenario.publishing(MESSAGES / phase1_s):
+            await scenario.at(phase1_s * PROCESS_KILL_S / PUSH_PHASE1_S)
+            victim = server.served_by()[0]
+            os.kill(victim, signal.SIGKILL)
+            scenario.fault(f"one process of serve SIGKILLed (pid {victim})")
+            # The other process serves on meanwhile: the front is never paused.
+            await server.wait_for_log(
+                lambda e: (
+                    e.get("message") == "process serving"
+                    and e.get("index") == 0
+                    and e.get("pid") != victim
+                )
+            )
+            scenario.fault("its supervisor started it again")
+
             await scenario.at(phase1_s * PUSH_KILL_S / PUSH_PHASE1_S)
             assert server.alive, server.log_tail()
             before_kill, _ = await stored_state(scenario)
+            children = list(server.served_by().values())
             assert await server.kill() == SIGKILLED
-            # The requests in flight failed with the process; new ones wait at the
+            # The requests in flight failed with the processes; new ones wait at the
             # front until the server listens again.
             front.pause()
-            scenario.fault(f"serve SIGKILLed ({before_kill} rows stored)")
+            scenario.fault(f"serve's supervisor SIGKILLed ({before_kill} rows stored)")
             try:
+                await wait_gone(children)  # they die with it, freeing the port
                 server = await processes.start_server(env, port, name="serve-2")
             finally:
                 front.resume()

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
@@ -16,6 +17,7 @@ from worker.config import Settings
 from worker.exceptions import WorkerError
 from worker.pipeline.settings import BatchSettings
 from worker.sources.settings import PullSettings
+from worker.supervisor import add_process_options, run_on_cores
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -55,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--host", default=os.environ.get("HOST", "0.0.0.0"), help="bind address (env HOST)"
     )
+    add_process_options(serve)
 
     _add_run(commands.add_parser("run", help="the pull worker"))
     from worker.cli import backup
@@ -149,9 +152,13 @@ async def _topology(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.http.serve import serve
+    # The supervisor of several processes imports neither the app nor the topics.
+    async def serve_one(sock: socket.socket, ready_fd: int | None) -> int:
+        from worker.http.serve import serve
 
-    return await serve(settings, topic_registry(), args.host)
+        return await serve(settings, topic_registry(), sock, ready_fd)
+
+    return await run_on_cores(args, args.host, settings.port, serve_one)
 
 
 async def _run(args: argparse.Namespace, settings: Settings) -> int:

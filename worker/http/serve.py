@@ -1,4 +1,5 @@
-"""``utxoiq-worker serve``: the HTTP app on ``PORT`` (Cloud Run's contract).
+"""``utxoiq-worker serve``: the HTTP app on a listening socket, one process of those
+``worker.supervisor`` runs on ``PORT`` (Cloud Run's contract).
 
 uvicorn owns the signals: on SIGTERM it stops accepting, lets requests in flight
 finish within ``GRACEFUL_SHUTDOWN_S`` (Cloud Run allows 10 s) and exits 0.
@@ -6,7 +7,9 @@ finish within ``GRACEFUL_SHUTDOWN_S`` (Cloud Run allows 10 s) and exits 0.
 
 from __future__ import annotations
 
+import logging
 import signal
+import socket
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -17,8 +20,11 @@ from worker.http.limits import HeadLimits
 from worker.http.services import Services
 from worker.pipeline.crash_points import CrashPoints
 from worker.runtime import tune_garbage_collector
+from worker.supervisor import report_ready
 from worker.telemetry import create_telemetry
 from worker.topics import Registry
+
+log = logging.getLogger(__name__)
 
 GRACEFUL_SHUTDOWN_S = 8
 
@@ -40,8 +46,11 @@ def server_config(
     )
 
 
-async def serve(settings: Settings, registry: Registry, host: str = "0.0.0.0") -> int:
-    """Serve until SIGTERM; refuses to start with PUSH_AUTH=required and no audience."""
+async def serve(
+    settings: Settings, registry: Registry, sock: socket.socket, ready_fd: int | None = None
+) -> int:
+    """Serve on ``sock`` until SIGTERM; refuses to start with PUSH_AUTH=required and no
+    audience. ``ready_fd``: the supervisor's (None: this process alone serves the port)."""
     # WORKER_CRASH_AT is read once, here (tests only; unset in production).
     crash_points = CrashPoints.from_env()
     telemetry = create_telemetry()
@@ -50,13 +59,33 @@ async def serve(settings: Settings, registry: Registry, host: str = "0.0.0.0") -
         push_verifier(settings),
         telemetry,
     )
-    server = uvicorn.Server(server_config(app, settings.port, host))
+    host, port = sock.getsockname()[:2]
+    server = _Announcing(server_config(app, port, host), ready_fd)
     tune_garbage_collector()
     # Once shut down, uvicorn raises the signal that stopped it again, for the handler
     # it found: the default one would kill the process (exit 143, not 0). Take it here.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
-        await server.serve()
+        await server.serve(sockets=[sock])
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+class _Announcing(uvicorn.Server):
+    """uvicorn, saying when it serves: to the supervisor through ``ready_fd``, or in
+    the log when this process is alone on the port."""
+
+    def __init__(self, config: uvicorn.Config, ready_fd: int | None) -> None:
+        super().__init__(config)
+        self._ready_fd = ready_fd
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if not self.started:  # the lifespan failed: the process exits
+            return
+        if self._ready_fd is None:
+            host, port = self.config.host, self.config.port
+            log.info("serving", extra={"host": host, "port": port, "processes": 1})
+        else:
+            report_ready(self._ready_fd)
