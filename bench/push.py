@@ -3,8 +3,10 @@
 ``python -m worker serve`` (``PUSH_AUTH=disabled``) on a loopback port, a fresh
 database and a fresh emulator project; 64 concurrent HTTP clients post valid metrics
 push envelopes, each sample with an ``event_id`` of its own, for 20 s. Figures:
-requests/s (204s only) and p99 latency. In the same run, the same load against the
-naive endpoint (``bench.naive_push``: one transaction per request).
+requests/s (204s only) and p99 latency, with ``serve`` on one process per core (the
+default) and on one process. In the same run, the same load against two baselines:
+the ceiling (``bench.empty_push``: the same server and processes answering 204 with
+no work) and the naive endpoint (``bench.naive_push``: one transaction per request).
 
 The load comes from wrk, whose Lua script makes every body unique without encoding
 base64 per request: the payload is laid out so that its variable part (the last 12
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 import multiprocessing
 import os
@@ -37,6 +40,7 @@ import asyncpg
 from bench.common import asyncpg_dsn, fresh_database, report
 from bench.stack import bench_settings, fresh_topology, stop_process
 from worker.config import Settings
+from worker.supervisor import cpu_quota
 
 DURATION_S = 20
 WARMUP_S = 2
@@ -220,9 +224,12 @@ def _httpx(url: str, project: str, duration_s: int) -> Load:
 # -- servers --------------------------------------------------------------------------
 
 
-def _start(module: str, settings: Settings, port: int, *args: str) -> subprocess.Popen[bytes]:
+def _start(
+    module: str, settings: Settings, port: int, processes: int, *args: str
+) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
+        "WORKER_PROCESSES": str(processes),
         "DATABASE_URL": settings.database_url,
         "GOOGLE_CLOUD_PROJECT": settings.google_cloud_project,
         "PORT": str(port),
@@ -256,18 +263,21 @@ async def _rows(settings: Settings) -> int:
         await conn.close()
 
 
-async def _measure(module: str, settings: Settings, *args: str) -> Load:
-    """Serve with ``module``, warm it up, load it for ``DURATION_S``; check the rows."""
+async def _measure(module: str, settings: Settings, processes: int, *args: str) -> Load:
+    """Serve with ``module`` on ``processes``, warm it up, load it for ``DURATION_S``;
+    check the rows (none for the ceiling, which stores nothing)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/push/metrics"
-    process = await asyncio.to_thread(_start, module, settings, port, *args)
+    process = await asyncio.to_thread(_start, module, settings, port, processes, *args)
     try:
         if shutil.which("wrk"):
             with tempfile.TemporaryDirectory() as scratch:
                 warmup, measured = Path(scratch) / "warmup.lua", Path(scratch) / "push.lua"
-                # Event ids of the measured run start far past the warm-up's.
-                warmup.write_text(_lua_script(settings.google_cloud_project, 0))
-                measured.write_text(_lua_script(settings.google_cloud_project, 10**12))
+                # Event ids of the measured run start far past the warm-up's, and each
+                # measurement's past the last one's: a repeated id would be a no-op.
+                first = next(_SERIES) * 10**13
+                warmup.write_text(_lua_script(settings.google_cloud_project, first))
+                measured.write_text(_lua_script(settings.google_cloud_project, first + 10**12))
                 await asyncio.to_thread(_wrk, url, warmup, WARMUP_S)
                 before = await _rows(settings)
                 load = await asyncio.to_thread(_wrk, url, measured, DURATION_S)
@@ -278,6 +288,8 @@ async def _measure(module: str, settings: Settings, *args: str) -> Load:
     finally:
         await asyncio.to_thread(stop_process, process)
     stored = await _rows(settings) - before
+    if module == CEILING:
+        stored = load.ok
     if load.failed or stored < load.ok:
         print(
             f"bench push ({module}): {load.failed} failed requests, "
@@ -287,12 +299,24 @@ async def _measure(module: str, settings: Settings, *args: str) -> Load:
     return load
 
 
+CEILING = "bench.empty_push"
+_SERIES = itertools.count()
+
+
 async def run() -> None:
+    cores = cpu_quota()
     settings = bench_settings(await fresh_database("utxoiq_bench_push"))
     pubsub = await fresh_topology(settings)  # dead-letter and invalidation topics
     await pubsub.close()
-    push = await _measure("worker", settings, "serve", "--host", "127.0.0.1")
+    serve = ("serve", "--host", "127.0.0.1")
+    ceiling = await _measure(CEILING, settings, cores)
+    push = await _measure("worker", settings, cores, *serve)
+    ceiling_1 = await _measure(CEILING, settings, 1)
+    push_1 = await _measure("worker", settings, 1, *serve)
     naive_settings = bench_settings(await fresh_database("utxoiq_bench_push_naive"))
-    naive = await _measure("bench.naive_push", naive_settings)
+    naive = await _measure("bench.naive_push", naive_settings, 1)
+    report("push", "req_per_s", push.per_s, f"empty_server_{cores}_processes", ceiling.per_s)
     report("push", "req_per_s", push.per_s, "naive_endpoint", naive.per_s)
+    report("push", "req_per_s_1_process", push_1.per_s, "empty_server_1_process", ceiling_1.per_s)
     report("push", "p99_ms", push.p99_ms)
+    report("push", "p99_ms_1_process", push_1.p99_ms)

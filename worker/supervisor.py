@@ -125,9 +125,12 @@ def _processes(raw: str) -> int:
     return value
 
 
-async def run_on_cores(args: argparse.Namespace, host: str, port: int, serve_one: ServeOne) -> int:
+async def run_on_cores(
+    args: argparse.Namespace, host: str, port: int, serve_one: ServeOne, module: str = "worker"
+) -> int:
     """``serve_one`` on ``host:port``: here when one process is asked for (or this is a
-    supervised copy), else under a ``Supervisor`` of ``args.processes`` copies."""
+    supervised copy), else under a ``Supervisor`` of ``args.processes`` copies of
+    ``python -m module`` with this process's arguments."""
     if args.listen_fd is not None:
         die_with_supervisor(args.supervisor_pid)
         return await serve_one(socket.socket(fileno=args.listen_fd), args.ready_fd)
@@ -135,7 +138,7 @@ async def run_on_cores(args: argparse.Namespace, host: str, port: int, serve_one
     sock = listen(host, port)
     if processes == 1:
         return await serve_one(sock, None)
-    return await Supervisor(sys.argv[1:], sock, processes).run()
+    return await Supervisor(sys.argv[1:], sock, processes, module).run()
 
 
 @dataclass
@@ -147,14 +150,16 @@ class _Child:
 
 
 class Supervisor:
-    """Runs ``processes`` copies of ``command`` (argv after ``python -m worker``) on
-    ``sock``; each copy gets ``--listen-fd``, ``--ready-fd`` and ``--supervisor-pid``
-    appended and must call ``die_with_supervisor`` and then ``report_ready``."""
+    """Runs ``processes`` copies of ``python -m module *command`` on ``sock``; each copy
+    gets ``--listen-fd``, ``--ready-fd`` and ``--supervisor-pid`` appended and must
+    call ``die_with_supervisor`` and then ``report_ready``."""
 
-    def __init__(self, command: Sequence[str], sock: socket.socket, processes: int) -> None:
+    def __init__(
+        self, command: Sequence[str], sock: socket.socket, processes: int, module: str = "worker"
+    ) -> None:
         if processes < 1:
             raise ValueError(f"processes must be at least 1, got {processes}")
-        self._command = list(command)
+        self._command = [sys.executable, "-m", module, *command]
         self._sock = sock
         self._processes = processes
         self._children: dict[int, _Child] = {}
@@ -244,9 +249,6 @@ class Supervisor:
         fd = self._sock.fileno()
         try:
             process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "worker",
                 *self._command,
                 "--listen-fd",
                 str(fd),

@@ -60,7 +60,7 @@ async def serve(
         telemetry,
     )
     host, port = sock.getsockname()[:2]
-    server = _Announcing(server_config(app, port, host), ready_fd)
+    server = AnnouncingServer(server_config(app, port, host), ready_fd)
     tune_garbage_collector()
     # Once shut down, uvicorn raises the signal that stopped it again, for the handler
     # it found: the default one would kill the process (exit 143, not 0). Take it here.
@@ -72,7 +72,7 @@ async def serve(
     return 0
 
 
-class _Announcing(uvicorn.Server):
+class AnnouncingServer(uvicorn.Server):
     """uvicorn, saying when it serves: to the supervisor through ``ready_fd``, or in
     the log when this process is alone on the port."""
 
