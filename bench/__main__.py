@@ -7,6 +7,7 @@ import sys
 from bench import (
     backup,
     common,
+    cpu,
     drain,
     ingest,
     invalidation,
@@ -25,6 +26,7 @@ SCENARIOS = {
     "batched": ingest.run_batched,
     "latency": ingest.run_latency,
     "rss": drain.run_rss,
+    "cpu": cpu.run,
     "read": read.run,
     "invalidation": invalidation.run,
     "push": push.run,

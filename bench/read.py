@@ -12,7 +12,11 @@ must cost the same whatever the insight's size; goal p99 <= 5 ms at both):
   ``REDIS_URL`` points at a closed port: the cache is unavailable, so every read goes
   to the database (the designed fallback).
 
-Targets (from the issue): cached p99 <= 2 ms in process, <= 10 ms over HTTP.
+Baselines in the same run: a raw Redis GET of the same key on the same client, by
+as many tasks (goal: cached reads >= 0.5 of its rate); over HTTP, the same server doing
+no work (``bench.empty_push``, on as many processes as ``serve``) under the same load.
+
+Targets (from the issue): cached p99 <= 1 ms in process, <= 5 ms over HTTP.
 """
 
 from __future__ import annotations
@@ -161,8 +165,15 @@ class _Server:
         return "".join(self.log)
 
 
-async def _start_server(settings: Settings, redis_url: str) -> _Server:
-    """``python -m worker serve`` on a free port; returns once /healthz answers 200."""
+SERVE = ("worker", "serve", "--host", "127.0.0.1")
+CEILING = ("bench.empty_push",)
+"""The same server answering 204 to everything, doing nothing (``bench.empty_push``)."""
+
+
+async def _start_server(
+    settings: Settings, redis_url: str, command: tuple[str, ...] = SERVE
+) -> _Server:
+    """``python -m *command`` on a free port; returns once /healthz answers."""
     port = _free_port()
     env = {
         **os.environ,
@@ -177,10 +188,7 @@ async def _start_server(settings: Settings, redis_url: str) -> _Server:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "worker",
-        "serve",
-        "--host",
-        "127.0.0.1",
+        *command,
         env=env,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
@@ -199,7 +207,7 @@ async def _start_server(settings: Settings, redis_url: str) -> _Server:
         while not healthy and process.returncode is None and time.monotonic() < deadline:
             with contextlib.suppress(OSError):
                 status, _ = await asyncio.to_thread(_http_get, f"{server.base}/healthz")
-                healthy = status == 200
+                healthy = status in (200, 204)
             if not healthy:
                 await asyncio.sleep(0.1)
     finally:
@@ -328,6 +336,17 @@ async def _http_phase(
     return result
 
 
+async def _ceiling_phase(settings: Settings, wrk: str) -> WrkResult:
+    """The do-nothing server, on as many processes as ``serve``, loaded like it."""
+    server = await _start_server(settings, settings.redis_url, CEILING)
+    try:
+        url = f"{server.base}/v1/feedback/ceiling/stats"
+        await _wrk(wrk, url, WRK_WARMUP_S)
+        return await _wrk(wrk, url, WRK_DURATION_S)
+    finally:
+        await _stop_server(server)
+
+
 async def _store_many(engine: AsyncEngine, insight_id: str, rows: int) -> None:
     """``rows`` ratings of ``insight_id`` in one statement (its stats by the same
     statement's trigger)."""
@@ -389,6 +408,11 @@ async def run() -> None:
             )
         u50, u99, _ = await _measure(uncached)
 
+        async def raw_get() -> object:
+            return await cache.redis.get(key)
+
+        _, raw_p99, raw_rate = await _measure(raw_get)
+
         async def uncached_big() -> object:
             return await db.get_feedback_stats(big_id)
 
@@ -396,6 +420,7 @@ async def run() -> None:
 
         cached_http = await _http_phase(settings, True, insight_id, expected.total_ratings, wrk)
         uncached_http = await _http_phase(settings, False, insight_id, expected.total_ratings, wrk)
+        ceiling_http = await _ceiling_phase(settings, wrk)
     finally:
         with contextlib.suppress(Exception):
             await cache.redis.delete(key, version_key(key))
@@ -404,14 +429,18 @@ async def run() -> None:
 
     report(SCENARIO, "cached_in_process_p50_ms", c50)
     report(SCENARIO, "cached_in_process_p99_ms", c99, "uncached_in_process_p99", u99)
-    report(SCENARIO, "cached_in_process_reads_per_s", c_rate)
+    report(SCENARIO, "cached_in_process_reads_per_s", c_rate, "raw_redis_get", raw_rate)
+    report(SCENARIO, "raw_redis_get_p99_ms", raw_p99)
     report(SCENARIO, "uncached_in_process_p50_ms", u50)
     report(SCENARIO, "uncached_in_process_p99_ms", u99)
     report(SCENARIO, "uncached_in_process_p99_ms_1m_rows", u99_big)
     report(SCENARIO, "cached_http_p50_ms", cached_http.p50_ms)
     http_p99 = cached_http.p99_ms
     report(SCENARIO, "cached_http_p99_ms", http_p99, "uncached_http_p99", uncached_http.p99_ms)
-    report(SCENARIO, "cached_http_req_per_s", cached_http.requests_per_s)
+    http_rate = cached_http.requests_per_s
+    report(
+        SCENARIO, "cached_http_req_per_s", http_rate, "empty_server", ceiling_http.requests_per_s
+    )
     report(SCENARIO, "uncached_http_p50_ms", uncached_http.p50_ms)
     report(SCENARIO, "uncached_http_p99_ms", uncached_http.p99_ms)
     report(SCENARIO, "uncached_http_req_per_s", uncached_http.requests_per_s)

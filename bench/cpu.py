@@ -1,0 +1,95 @@
+"""Scenario ``cpu``: the worker's CPU time per message, read from ``/proc``.
+
+On real Pub/Sub the emulator's share of the machine is gone and the worker's own CPU
+is what limits a pod, so this is measured apart from throughput: for each topic a
+backlog (``METRICS`` single-sample metrics messages, ``FEEDBACK`` feedback events)
+drained by ``utxoiq-worker run --only TOPIC``, its process's user + system time
+(every thread: gRPC's included) from its start to the last row, per message. The
+baseline, in the same round: the bare pull-and-ack loop's own CPU per message over
+the same backlog, in this process (``time.process_time``), which is the least any
+consumer on this client pays. Figures are medians of ``ROUNDS`` interleaved rounds.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+import uuid
+from collections.abc import Callable
+
+from bench.common import fresh_database, report, scratch_settings
+from bench.drain import feedback_payloads, metric_payloads, raw_pull_ceiling, warm_up_emulator
+from bench.stack import (
+    bench_settings,
+    fresh_topology,
+    publish_all,
+    start_worker,
+    stop_process,
+    wait_for_rows,
+)
+from worker.config import Settings
+from worker.pubsub.client import PubSub
+from worker.sources.settings import PullSettings
+
+METRICS = 60_000
+FEEDBACK = 30_000
+ROUNDS = 3
+DATABASE = "utxoiq_bench_cpu"
+TOPICS: dict[str, tuple[int, Callable[[int, str], list[bytes]], str]] = {
+    "metrics": (METRICS, metric_payloads, "system_metrics"),
+    "feedback": (FEEDBACK, feedback_payloads, "insight_feedback"),
+}
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid``, all its threads."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    # utime and stime: fields 14 and 15 of proc(5), 12 and 13 after the command.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _worker_us(settings: Settings, pubsub: PubSub, topic: str) -> float:
+    count, payloads, table = TOPICS[topic]
+    await fresh_database(DATABASE)
+    await publish_all(pubsub, topic, payloads(count, uuid.uuid4().hex[:6]))
+    worker = start_worker(settings, "--only", topic)
+    try:
+        before = cpu_s(worker.pid)
+        await wait_for_rows(settings, f"SELECT count(*) FROM {table}", count)
+        used = cpu_s(worker.pid) - before
+    finally:
+        stop_process(worker)
+    return used / count * 1e6
+
+
+async def _bare_loop_us(pubsub: PubSub, topic: str, pullers: int) -> float:
+    count, payloads, _ = TOPICS[topic]
+    await publish_all(pubsub, topic, payloads(count, "bare"))
+    before = time.process_time()
+    await raw_pull_ceiling(pubsub, f"{topic}-worker", count, pullers)
+    return (time.process_time() - before) / count * 1e6
+
+
+async def run() -> None:
+    settings = bench_settings(scratch_settings(DATABASE))
+    pubsub = await fresh_topology(settings)
+    pullers = PullSettings().pullers
+    try:
+        await warm_up_emulator(pubsub, pullers)
+        for topic in TOPICS:
+            workers, bare = [], []
+            for _ in range(ROUNDS):
+                bare.append(await _bare_loop_us(pubsub, topic, pullers))
+                workers.append(await _worker_us(settings, pubsub, topic))
+            report(
+                "cpu",
+                f"worker_cpu_us_per_{topic}_message",
+                statistics.median(workers),
+                "bare_pull_ack_loop",
+                statistics.median(bare),
+                rounds=list(zip(workers, bare, strict=True)),
+            )
+    finally:
+        await pubsub.close()
