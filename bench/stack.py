@@ -74,6 +74,7 @@ def start_worker(settings: Settings, *args: str) -> subprocess.Popen[bytes]:
         "GOOGLE_CLOUD_PROJECT": settings.google_cloud_project,
         "LOG_LEVEL": "INFO",
         "PORT": "0",  # its probes on any free port
+        "WORKER_PROCESSES": "1",  # the figures are one process's
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "worker", "run", *args],

@@ -28,10 +28,12 @@ locals {
     retention = { schedule = var.retention_schedule, body = { task = "retention" } }
   }
 
-  # Connection budget (README): every instance's pool full, plus one maintenance run
-  # (runs are once a day and exclusive), plus PostgreSQL's reserved slots and the
-  # operators' margin (migrations, the CLI).
-  pool_per_instance = var.database_pool_size + var.database_max_overflow
+  # Processes per instance of either service (WORKER_PROCESSES): one per vCPU unless set.
+  processes = var.processes_per_instance > 0 ? var.processes_per_instance : ceil(tonumber(var.cpu))
+  # Connection budget (README): every process's pool full in every instance, plus one
+  # maintenance run (runs are once a day and exclusive), plus PostgreSQL's reserved
+  # slots and the operators' margin (migrations, the CLI).
+  pool_per_instance = (var.database_pool_size + var.database_max_overflow) * local.processes
   connections_needed = (
     var.serve_max_instances * local.pool_per_instance
     + (local.push ? 0 : var.worker_max_instances * local.pool_per_instance)
@@ -44,6 +46,7 @@ locals {
     GOOGLE_CLOUD_PROJECT    = var.project_id
     DATABASE_POOL_SIZE      = tostring(var.database_pool_size)
     DATABASE_MAX_OVERFLOW   = tostring(var.database_max_overflow)
+    WORKER_PROCESSES        = tostring(local.processes)
     BACKUP_URL              = "gs://${google_storage_bucket.backups.name}"
     ARCHIVE_URL             = "gs://${google_storage_bucket.archives.name}"
     BACKUP_RETENTION_DAYS   = tostring(var.backup_retention_days)
@@ -78,6 +81,6 @@ locals {
 check "connection_budget" {
   assert {
     condition     = local.connections_needed <= var.database_max_connections
-    error_message = "max instances x (pool + overflow) of every service, plus maintenance and reserved connections, exceed database_max_connections."
+    error_message = "max instances x processes x (pool + overflow) of every service, plus maintenance and reserved connections, exceed database_max_connections."
   }
 }

@@ -84,9 +84,20 @@ variable "worker_max_instances" {
 }
 
 variable "cpu" {
-  description = "vCPUs per instance of either service."
+  description = "vCPUs per instance of either service (a whole number: each runs a process per vCPU)."
   type        = string
   default     = "2"
+
+  validation {
+    condition     = can(tonumber(var.cpu)) && tonumber(var.cpu) >= 1
+    error_message = "cpu must be a whole number of vCPUs, such as \"1\", \"2\" or \"4\"."
+  }
+}
+
+variable "processes_per_instance" {
+  description = "Processes of `serve` and `run` per instance, sharing its port (WORKER_PROCESSES); 0: one per vCPU."
+  type        = number
+  default     = 0
 }
 
 variable "memory" {
@@ -102,15 +113,15 @@ variable "request_timeout_s" {
 }
 
 variable "database_pool_size" {
-  description = "DATABASE_POOL_SIZE of every instance."
+  description = "DATABASE_POOL_SIZE of every process (an instance runs one per vCPU)."
   type        = number
-  default     = 5
+  default     = 3
 }
 
 variable "database_max_overflow" {
-  description = "DATABASE_MAX_OVERFLOW of every instance."
+  description = "DATABASE_MAX_OVERFLOW of every process."
   type        = number
-  default     = 5
+  default     = 2
 }
 
 variable "database_max_connections" {

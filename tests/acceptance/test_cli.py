@@ -50,6 +50,8 @@ def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
         PUBSUB_EMULATOR_HOST=settings.pubsub_emulator_host or "",
         LOG_LEVEL="INFO",
         PORT="0",  # `run` serves its probes on PORT: any free one, as several run at once
+        # One process: these tests follow one process's log (several: test_processes).
+        WORKER_PROCESSES="1",
     )
     env.update(extra)
     return env
@@ -368,7 +370,7 @@ async def test_run_refuses_to_start_when_its_probe_port_is_taken(settings: Setti
         )  # fmt: skip
         _, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 1, err
-    assert f"cannot serve the probes on port {port}".encode() in err
+    assert f"cannot listen on 0.0.0.0:{port}: Address already in use".encode() in err
 
 
 async def test_two_processes_on_the_same_subscriptions_give_one_process_s_result(

@@ -240,8 +240,11 @@ class Processes:
         ready_timeout_s: float = 60,
     ) -> WorkerProcess:
         """``python -m worker run *args``; returns once it logged ``worker started``."""
-        # Its probes on any free port: several workers run side by side.
-        child = await self.spawn(name, ["run", *args], {"PORT": "0", **env})
+        # Its probes on any free port: several workers run side by side. One process
+        # unless ``env`` says otherwise: the scenarios follow one process's log.
+        child = await self.spawn(
+            name, ["run", *args], {"PORT": "0", "WORKER_PROCESSES": "1", **env}
+        )
         await child.wait_for_log(RUN_READY, timeout_s=ready_timeout_s)
         return child
 

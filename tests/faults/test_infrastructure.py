@@ -367,7 +367,7 @@ async def test_a_crash_point_kills_the_push_server_too(
 async def test_a_bad_crash_point_refuses_to_start(
     fault_settings: Settings, processes: Processes
 ) -> None:
-    env = worker_environment(fault_settings, crash_at="befor_commit")
+    env = worker_environment(fault_settings, crash_at="befor_commit", PORT="0")
     child = await processes.spawn("worker", ["run"], env)
     assert await child.wait_exit(60) == 2
     assert "unknown crash point 'befor_commit'" in child.log_tail()

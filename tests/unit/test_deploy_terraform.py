@@ -8,6 +8,7 @@ and used, and the connection budget holds."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -31,8 +32,8 @@ PLAIN = SerializationOptions(strip_string_quotes=True, explicit_blocks=False, wi
 
 # Read by the OpenTelemetry SDK (README: Telemetry), not by Settings.
 OTEL_VARIABLES = {"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES"}
-# Read by the command line (worker/cli/main.py), not by Settings.
-CLI_VARIABLES = {"LOG_LEVEL"}
+# Read by the command line (worker/cli/main.py, worker/supervisor.py), not by Settings.
+CLI_VARIABLES = {"LOG_LEVEL", "WORKER_PROCESSES"}
 
 
 @dataclass
@@ -304,9 +305,10 @@ def test_the_example_sets_declared_variables_and_every_required_one() -> None:
 
 
 def connections_needed(values: Mapping[str, Any], push: bool) -> int:
-    """The budget of locals.tf: every instance's pool full, one maintenance run,
-    PostgreSQL's reserved slots and the operators' margin."""
-    pool = int(values["database_pool_size"]) + int(values["database_max_overflow"])
+    """The budget of locals.tf: every process's pool full in every instance, one
+    maintenance run, PostgreSQL's reserved slots and the operators' margin."""
+    processes = int(values["processes_per_instance"]) or math.ceil(float(values["cpu"]))
+    pool = (int(values["database_pool_size"]) + int(values["database_max_overflow"])) * processes
     workers = 0 if push else int(values["worker_max_instances"]) * pool
     return int(
         values["serve_max_instances"] * pool
@@ -327,7 +329,10 @@ def test_the_budget_in_python_is_the_one_terraform_checks() -> None:
         " + var.operator_connections)}"
     )
     assert module().locals["pool_per_instance"] == (
-        "${var.database_pool_size + var.database_max_overflow}"
+        "${(var.database_pool_size + var.database_max_overflow) * local.processes}"
+    )
+    assert module().locals["processes"] == (
+        "${var.processes_per_instance > 0 ? var.processes_per_instance : ceil(tonumber(var.cpu))}"
     )
     [check] = load(TERRAFORM / "locals.tf")["check"]
     assert "local.connections_needed <= var.database_max_connections" in json.dumps(check)

@@ -73,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_run(run: argparse.ArgumentParser) -> None:
+    add_process_options(run)
     run.add_argument(
         "--only",
         action="append",
@@ -179,7 +180,11 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         max_outstanding_bytes=args.max_outstanding_bytes,
     )
     topics = tuple(args.only or registry.pulled_by_default())
-    return await run_worker(settings, registry, topics, batch, pull)
+
+    async def run_one(sock: socket.socket, ready_fd: int | None) -> int:
+        return await run_worker(settings, registry, topics, sock, batch, pull, ready_fd)
+
+    return await run_on_cores(args, "0.0.0.0", settings.port, run_one)
 
 
 async def _backup(args: argparse.Namespace, settings: Settings) -> int:

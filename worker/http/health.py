@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
@@ -86,37 +87,33 @@ class _NoSignals(uvicorn.Server):
 
 
 class ProbeServer:
-    """``probe_app`` served on ``port`` in the running event loop."""
+    """``probe_app`` served on a listening socket in the running event loop."""
 
-    def __init__(self, app: Starlette, port: int, host: str = "0.0.0.0") -> None:
+    def __init__(self, app: Starlette, sock: socket.socket) -> None:
+        host, port = sock.getsockname()[:2]
         config = uvicorn.Config(
             app, host=host, port=port, log_config=None, access_log=False, lifespan="off"
         )
         self._server = _NoSignals(config)
+        self._sock = sock
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Listening once this returns; ``StartupError`` when it cannot listen."""
-        self._task = asyncio.create_task(self._serve(), name="probe-server")
+        """Serving once this returns."""
+        self._task = asyncio.create_task(
+            self._server.serve(sockets=[self._sock]), name="probe-server"
+        )
         while not self._server.started:
             if self._task.done():
-                self._task.result()  # its StartupError
-                raise StartupError("the probe server stopped before it listened")
+                self._task.result()
+                raise StartupError("the probe server stopped before it served")
             await asyncio.sleep(0.01)
         log.info("probes listening", extra={"port": self.port})
-
-    async def _serve(self) -> None:
-        try:
-            await self._server.serve()
-        except SystemExit as exit_:  # uvicorn's answer to a port it cannot bind (logged)
-            port = self._server.config.port
-            raise StartupError(f"cannot serve the probes on port {port}") from exit_
 
     @property
     def port(self) -> int:
         """The port listened on (the one chosen when ``PORT`` is 0)."""
-        [server] = self._server.servers
-        return int(server.sockets[0].getsockname()[1])
+        return int(self._sock.getsockname()[1])
 
     async def stop(self) -> None:
         if self._task is None:

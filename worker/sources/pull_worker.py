@@ -1,4 +1,5 @@
-"""``utxoiq-worker run``: the pull worker, one asyncio process for its topics.
+"""``utxoiq-worker run``: the pull worker, one asyncio process for its topics (one of
+those ``worker.supervisor`` runs, one per core by default).
 
 It also serves ``/healthz`` and ``/readyz`` on ``PORT`` (``worker.http.health``) so
 that Cloud Run can probe it: ready once pulling and while its dependencies answer,
@@ -15,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import time
 from collections.abc import Sequence
 
@@ -25,11 +27,13 @@ from worker.pipeline.settings import BatchSettings
 from worker.runtime import Runtime, tune_garbage_collector
 from worker.sources.pull import PullSource
 from worker.sources.settings import PullSettings
+from worker.supervisor import report_ready
 from worker.topics import Registry
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_BUDGET_S = 9.0
+PULL_LOOP_CHECK_S = 1.0
 
 
 class PullWorker:
@@ -96,17 +100,19 @@ async def run_worker(
     settings: Settings,
     registry: Registry,
     topics: Sequence[str],
+    sock: socket.socket,
     batch: BatchSettings | None = None,
     pull: PullSettings | None = None,
-    host: str = "0.0.0.0",
+    ready_fd: int | None = None,
 ) -> int:
     """Pull ``topics`` until SIGTERM or SIGINT, then drain and exit 0; probes answer on
-    ``settings.port`` meanwhile."""
+    ``sock`` meanwhile. ``ready_fd``: the supervisor's, told once pulling (None: this
+    process alone serves the port)."""
     tune_garbage_collector()
     # WORKER_CRASH_AT is read once, here (tests only; unset in production).
     runtime = Runtime(settings, registry, crash_points=CrashPoints.from_env(), batch=batch)
     worker = PullWorker(runtime, topics, pull)
-    probes = ProbeServer(probe_app(worker.alive, worker.readiness), settings.port, host)
+    probes = ProbeServer(probe_app(worker.alive, worker.readiness), sock)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -116,15 +122,34 @@ async def run_worker(
     except BaseException:
         await runtime.close()
         raise
+    dead = asyncio.Event()
+    watching: asyncio.Task[None] | None = None
     try:
         await worker.start()
+        if ready_fd is not None:
+            report_ready(ready_fd)
+            # A probe reaches one process of several: one whose pull loop ended exits
+            # instead, and its supervisor starts it again.
+            watching = asyncio.create_task(_stop_when_dead(worker, stop, dead))
         await stop.wait()
-        log.info("stop signal received, draining")
+        if not dead.is_set():
+            log.info("stop signal received, draining")
     finally:
+        if watching is not None:
+            watching.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
         await worker.stop()
         await probes.stop()
         await runtime.close()
-    return 0
+    return 1 if dead.is_set() else 0
+
+
+async def _stop_when_dead(worker: PullWorker, stop: asyncio.Event, dead: asyncio.Event) -> None:
+    # Polled: a pull loop ends rarely (never, short of a bug), and a second late is fine.
+    while worker.alive():  # noqa: ASYNC110
+        await asyncio.sleep(PULL_LOOP_CHECK_S)
+    log.error("a pull loop ended: stopping this process (its supervisor starts it again)")
+    dead.set()
+    stop.set()

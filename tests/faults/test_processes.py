@@ -1,11 +1,13 @@
-"""``serve`` on several processes (``worker.supervisor``): a process that dies is
-started again while the others keep the port answering, SIGTERM drains every one of
-them, and a supervisor killed outright takes its processes with it."""
+"""``serve`` and ``run`` on several processes (``worker.supervisor``): a process that
+dies is started again while the others keep the port answering (and, for ``run``,
+pulling: nothing is lost), SIGTERM drains every one of them, and a supervisor killed
+outright takes its processes with it."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -19,9 +21,11 @@ from tests.faults.processes import Processes, WorkerProcess, gone, wait_gone, wo
 from tests.support.factories import metric_payload
 from tests.support.push import envelope
 from worker.config import Settings
+from worker.pubsub.client import PubSub, PubsubMessage
 
 SIGKILLED = -signal.SIGKILL
 PROCESSES = 2
+MESSAGES = 4000
 
 
 async def serve_processes(
@@ -154,3 +158,44 @@ async def test_a_process_that_cannot_start_stops_them_all(
     assert "PUSH_AUDIENCE" in child.log_tail()
     [failed] = child.logged("a process failed to start: stopping them all")
     assert failed["exit_code"] == 2
+
+
+async def test_run_on_several_processes_loses_nothing_when_one_dies(
+    fault_postgres: PostgresCluster,
+    fault_database: str,
+    fault_settings: Settings,
+    fault_pubsub: PubSub,
+    processes: Processes,
+) -> None:
+    event_ids = [str(uuid.uuid4()) for _ in range(MESSAGES)]
+    env = worker_environment(
+        fault_settings, WORKER_PROCESSES=str(PROCESSES), WORKER_MAX_BATCH_DELAY_MS="200"
+    )
+    worker = await processes.spawn("run", ["run", "--only", "metrics"], {**env, "PORT": "0"})
+    await worker.wait_for_log("serving")
+    first = worker.served_by()
+    assert len(first) == PROCESSES, worker.log_tail()
+    topic = fault_pubsub.topic("metrics")
+    for start in range(0, MESSAGES, 500):
+        chunk = event_ids[start : start + 500]
+        messages = [
+            PubsubMessage(data=json.dumps(metric_payload(event_id=e)).encode()) for e in chunk
+        ]
+        await fault_pubsub.publish(topic, messages, timeout_s=30)
+        if start == MESSAGES // 2:
+            # Half published, some of it held by the process about to die: what it
+            # held comes back after the ack deadline, to either process.
+            os.kill(first[0], signal.SIGKILL)
+    await worker.wait_for_log(
+        lambda e: e.get("message") == "process serving" and e.get("pid") not in first.values()
+    )
+    deadline = time.monotonic() + 60
+    while len(found := await stored(fault_postgres, fault_database, event_ids)) < MESSAGES:
+        assert time.monotonic() < deadline, f"{len(found)} of {MESSAGES} stored"
+        await asyncio.sleep(0.5)
+    [died] = worker.logged("a process died: starting it again")
+    assert died["pid"] == first[0] and died["exit_code"] == SIGKILLED
+    now = worker.served_by()
+    assert await worker.terminate() == 0, worker.log_tail()
+    await wait_gone(list(now.values()))
+    assert len(worker.logged("worker stopped")) == PROCESSES
