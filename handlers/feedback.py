@@ -56,6 +56,19 @@ ON CONFLICT ON CONSTRAINT uq_insight_feedback_insight_user DO UPDATE SET
 """
 
 
+# The batch's stats rows, created if missing, locked in insight order before any
+# feedback row. The triggers of the upsert lock them too, but in two passes (its
+# inserted rows' insights, then its updated rows'), each ordered only within itself: one
+# batch inserting for b and updating a, another inserting for a and b, would each hold
+# what the other's second pass waits for. Locked here first, in one ordered pass, every
+# batch takes them in the same order. (The no-op update takes the row lock.)
+LOCK_STATS_SQL = """
+INSERT INTO insight_feedback_stats AS s (insight_id)
+SELECT DISTINCT insight_id FROM unnest($1::text[]) AS i (insight_id) ORDER BY insight_id
+ON CONFLICT (insight_id) DO UPDATE SET insight_id = s.insight_id
+"""
+
+
 def _reduce(events: Sequence[FeedbackEvent]) -> list[_Row]:
     """Fold the batch per pair: one upsert may touch each row only once."""
     rows: dict[tuple[str, str], _Row] = {}
@@ -82,6 +95,8 @@ async def write(conn: AsyncConnection, events: Sequence[FeedbackEvent]) -> Batch
         return BatchOutcome()
     rows = _reduce(events)
     driver = await driver_connection(conn)
+    # Sorted and distinct already (rows are in (insight, user) order).
+    await driver.execute(LOCK_STATS_SQL, [r.winner.insight_id for r in rows])
     await driver.execute(
         UPSERT_SQL,
         [r.winner.insight_id for r in rows],

@@ -5,9 +5,9 @@ insight (146 ms p99 at 10k rows); it now reads one row. Statement-level triggers
 transition tables add each changed row's new contribution and subtract its old one,
 per insight, in the statement that changed it: every writer is covered (ingestion's
 upsert, the read API's writes, retention's deletes, an archive restore), and concurrent
-writers compose, since each adds exactly its own rows' deltas. The stats rows are
-locked in insight order, after the feedback rows (taken in (insight, user) order by
-the handler): no two writers can wait on each other in a circle.
+writers compose, since each adds exactly its own rows' deltas. Each trigger locks its
+stats rows in insight order; an upsert fires two (inserted rows, updated rows), so the
+feedback handler locks its batch's stats rows first (``handlers/feedback.py``).
 
 Revision ID: 0004
 Revises: 0003

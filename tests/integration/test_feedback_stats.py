@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import random
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from schemas.feedback import FLAG_TYPES, FeedbackEvent
 from worker.read.feedback import stats_of
+from worker.read.service import DatabaseService
 
 # The aggregate the stats stand for (what a cache miss computed before they existed).
 AGGREGATE = text(
@@ -34,6 +37,7 @@ AGGREGATE = text(
     """
 )
 FLAGS = [None, "inaccurate", "misleading", "spam", "other"]
+ROUNDS, BATCHES = 60, 8
 
 
 async def aggregate(engine: AsyncEngine) -> dict[str, Any]:
@@ -99,3 +103,30 @@ async def test_the_stats_equal_the_aggregate_whatever_writes_the_rows(engine: As
     async with engine.begin() as conn:
         await conn.execute(text("TRUNCATE insight_feedback"))
     assert await kept(engine) == {} == await aggregate(engine)
+
+
+def random_events(rng: random.Random, count: int) -> list[FeedbackEvent]:
+    now = datetime.now(UTC)
+    return [
+        FeedbackEvent(
+            insight_id=f"insight-{rng.randrange(4)}",
+            user_id=f"user-{rng.randrange(6)}",
+            rating=rng.choice([1, 2, 3, 4, 5]),
+            flag_type=rng.choice(FLAG_TYPES),
+            occurred_at=now - timedelta(seconds=rng.randrange(3600)),
+        )
+        for _ in range(count)
+    ]
+
+
+async def test_concurrent_batches_of_the_handler_never_deadlock(engine: AsyncEngine) -> None:
+    # Each batch inserts some rows and updates others, of a few insights: the upsert's
+    # two trigger passes (inserted, then updated rows' insights) would lock the stats
+    # rows in different orders in different batches, were they not locked first.
+    db = DatabaseService(engine, None)
+    rng = random.Random(11)
+    for round_no in range(ROUNDS):
+        batches = [random_events(rng, rng.randrange(1, 8)) for _ in range(BATCHES)]
+        outcomes = await asyncio.gather(*(db.apply_feedback_events(b) for b in batches))
+        assert all(not o.failures for o in outcomes), (round_no, outcomes)
+    assert await kept(engine) == await aggregate(engine)
