@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 # the whole instance 10 s after its SIGTERM anyway).
 SHUTDOWN_LIMIT_S = 30.0
 BACKLOG = 2048  # uvicorn's default
+# A process that died within STABLE_S of its start is restarted after 0, 1, 3, 7, ...
+# seconds (at most MAX_RESTART_DELAY_S) the next times in a row.
+STABLE_S = 60.0
+MAX_RESTART_DELAY_S = 30.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -95,6 +99,14 @@ def report_ready(ready_fd: int | None) -> None:
     with contextlib.suppress(OSError):  # a supervisor that died: PDEATHSIG follows
         os.write(ready_fd, b"1")
     os.close(ready_fd)
+
+
+def restart_delay_s(quick_deaths: int) -> float:
+    """How long a process that died ``quick_deaths`` times in a row, each within
+    ``STABLE_S`` of its start, waits before it is started again."""
+    if quick_deaths <= 1:
+        return 0.0
+    return min(MAX_RESTART_DELAY_S, 2.0 ** (quick_deaths - 1) - 1)
 
 
 ServeOne = Callable[[socket.socket, "int | None"], Awaitable[int]]
@@ -218,6 +230,7 @@ class Supervisor:
     async def _keep(self, index: int) -> int:
         """Process ``index``, started again whenever it dies after serving; its last
         exit code once stopping."""
+        quick_deaths = 0
         while True:
             child = await self._start(index)
             if self._stopping.is_set():  # the signal came while it was starting
@@ -234,15 +247,26 @@ class Supervisor:
                 self._failed = code if code > 0 else 1
                 self._stop()
                 return code
+            lived_s = time.monotonic() - child.started_at
+            quick_deaths = quick_deaths + 1 if lived_s < STABLE_S else 0
+            # One that keeps dying soon after it starts waits longer each time (the
+            # others serve meanwhile) rather than spinning.
+            delay_s = restart_delay_s(quick_deaths)
             log.error(
                 "a process died: starting it again",
                 extra={
                     "index": index,
                     "pid": child.process.pid,
                     "exit_code": code,
-                    "lived_s": round(time.monotonic() - child.started_at, 1),
+                    "lived_s": round(lived_s, 1),
+                    "restart_in_s": delay_s,
                 },
             )
+            if delay_s:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay_s)
+                if self._stopping.is_set():
+                    return code
 
     async def _start(self, index: int) -> _Child:
         ready_r, ready_w = os.pipe()

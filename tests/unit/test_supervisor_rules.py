@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.supervisor import add_process_options, cpu_quota
+from worker.supervisor import MAX_RESTART_DELAY_S, add_process_options, cpu_quota, restart_delay_s
 
 CORES = len(os.sched_getaffinity(0))
 
@@ -67,3 +67,8 @@ def test_processes_come_from_the_option_then_the_environment(
 def test_a_bad_process_count_is_refused(bad: str, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(argparse.ArgumentError, match="at least 1"):
         parse(["--processes", bad], None, monkeypatch)
+
+
+def test_a_process_dying_soon_again_and_again_waits_longer_each_time() -> None:
+    assert [restart_delay_s(n) for n in range(7)] == [0, 0, 1, 3, 7, 15, MAX_RESTART_DELAY_S]
+    assert restart_delay_s(100) == MAX_RESTART_DELAY_S
