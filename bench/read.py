@@ -56,6 +56,7 @@ SCENARIO = "read"
 ROWS = 10_000
 BIG_ROWS = 1_000_000
 INSERT_BATCH = 1000
+INSERT_MANY = 100_000
 READERS = 32
 WARMUP_S = 0.5
 IN_PROCESS_S = 3.0
@@ -348,18 +349,21 @@ async def _ceiling_phase(settings: Settings, wrk: str) -> WrkResult:
 
 
 async def _store_many(engine: AsyncEngine, insight_id: str, rows: int) -> None:
-    """``rows`` ratings of ``insight_id`` in one statement (its stats by the same
-    statement's trigger)."""
-    async with engine.begin() as conn:
-        await conn.execute(
-            text(
-                "INSERT INTO insight_feedback (insight_id, user_id, rating, comment,"
-                " created_at, updated_at, event_key)"
-                " SELECT :insight, 'user-' || n, 1 + n % 5, CASE WHEN n % 3 = 0 THEN 'ok' END,"
-                " now(), now(), '\\x00' FROM generate_series(1, :rows) AS n"
-            ),
-            {"insight": insight_id, "rows": rows},
-        )
+    """``rows`` ratings of ``insight_id``, by INSERT ... SELECT statements of
+    ``INSERT_MANY`` rows (one statement of 1M rows can outlast the 30 s command
+    timeout on a slow machine); the stats by the same statements' trigger."""
+    for first in range(1, rows + 1, INSERT_MANY):
+        async with engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO insight_feedback (insight_id, user_id, rating, comment,"
+                    " created_at, updated_at, event_key)"
+                    " SELECT :insight, 'user-' || n, 1 + n % 5,"
+                    " CASE WHEN n % 3 = 0 THEN 'ok' END, now(), now(), '\\x00'"
+                    " FROM generate_series(:first, :last) AS n"
+                ),
+                {"insight": insight_id, "first": first, "last": min(rows, first + INSERT_MANY - 1)},
+            )
 
 
 # -- the scenario ----------------------------------------------------------------------
