@@ -360,7 +360,7 @@ async def _store_many(engine: AsyncEngine, insight_id: str, rows: int) -> None:
                     " created_at, updated_at, event_key)"
                     " SELECT :insight, 'user-' || n, 1 + n % 5,"
                     " CASE WHEN n % 3 = 0 THEN 'ok' END, now(), now(), '\\x00'"
-                    " FROM generate_series(:first, :last) AS n"
+                    " FROM generate_series(CAST(:first AS int), CAST(:last AS int)) AS n"
                 ),
                 {"insight": insight_id, "first": first, "last": min(rows, first + INSERT_MANY - 1)},
             )
