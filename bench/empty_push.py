@@ -35,7 +35,8 @@ async def empty_app(scope: Scope, receive: Receive, send: Send) -> None:
 
 async def serve_one(sock: socket.socket, ready_fd: int | None) -> int:
     host, port = sock.getsockname()[:2]
-    await AnnouncingServer(server_config(empty_app, port, host), ready_fd).serve(sockets=[sock])
+    server = AnnouncingServer(server_config(empty_app, port, host), sock, ready_fd)
+    await server.serve(sockets=[sock])
     return 0
 
 

@@ -95,7 +95,7 @@ async def write(conn: AsyncConnection, events: Sequence[FeedbackEvent]) -> Batch
         return BatchOutcome()
     rows = _reduce(events)
     driver = await driver_connection(conn)
-    # Sorted and distinct already (rows are in (insight, user) order).
+    # The statement orders them itself: by the database's collation, as the triggers do.
     await driver.execute(LOCK_STATS_SQL, [r.winner.insight_id for r in rows])
     await driver.execute(
         UPSERT_SQL,

@@ -31,7 +31,7 @@ import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from worker.exceptions import StartupError
@@ -92,13 +92,20 @@ def die_with_supervisor(supervisor_pid: int) -> None:
         os._exit(1)
 
 
-def report_ready(ready_fd: int | None) -> None:
-    """In a supervised process: tell the supervisor this process serves."""
+def report_ready(ready_fd: int | None, sock: socket.socket) -> None:
+    """Say that this process serves on ``sock``: to its supervisor through
+    ``ready_fd`` (which logs once all do), or in the log when it is alone."""
     if ready_fd is None:
+        _log_serving(sock, 1)
         return
     with contextlib.suppress(OSError):  # a supervisor that died: PDEATHSIG follows
         os.write(ready_fd, b"1")
     os.close(ready_fd)
+
+
+def _log_serving(sock: socket.socket, processes: int) -> None:
+    host, port = sock.getsockname()[:2]
+    log.info("serving", extra={"host": host, "port": port, "processes": processes})
 
 
 def restart_delay_s(quick_deaths: int) -> float:
@@ -158,7 +165,7 @@ class _Child:
     index: int
     process: asyncio.subprocess.Process
     started_at: float
-    ready: asyncio.Event = field(default_factory=asyncio.Event)  # it served once
+    served: bool = False
 
 
 class Supervisor:
@@ -239,7 +246,7 @@ class Supervisor:
             code = await child.process.wait()
             if self._stopping.is_set():
                 return code
-            if not child.ready.is_set():
+            if not child.served:
                 log.error(
                     "a process failed to start: stopping them all",
                     extra={"index": index, "pid": child.process.pid, "exit_code": code},
@@ -297,12 +304,11 @@ class Supervisor:
         loop.remove_reader(ready_r)
         with contextlib.suppress(OSError):
             if os.read(ready_r, 1):
-                child.ready.set()
+                child.served = True
                 log.info("process serving", extra={"index": child.index, "pid": child.process.pid})
         os.close(ready_r)
         started = self._children.values()
-        everyone = len(started) == self._processes and all(c.ready.is_set() for c in started)
+        everyone = len(started) == self._processes and all(c.served for c in started)
         if everyone and not self._announced:
             self._announced = True
-            host, port = self._sock.getsockname()[:2]
-            log.info("serving", extra={"host": host, "port": port, "processes": self._processes})
+            _log_serving(self._sock, self._processes)

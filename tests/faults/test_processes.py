@@ -118,7 +118,12 @@ async def test_sigterm_drains_every_process_and_exits_0(
     limits = httpx.Limits(max_connections=64)
     async with httpx.AsyncClient(timeout=30, limits=limits) as client:
         posting = asyncio.gather(*(post(client, e) for e in event_ids))
-        await asyncio.sleep(0.3)
+        # The signal right after the first batch is answered: the pushes that came
+        # since wait for the next one (a fixed sleep raced a cold machine's clients).
+        deadline = time.monotonic() + 30
+        while not answered_at:
+            assert time.monotonic() < deadline, "no push answered within 30 s"
+            await asyncio.sleep(0.01)
         started = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
         code = await server.wait_exit(15)

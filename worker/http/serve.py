@@ -7,7 +7,6 @@ finish within ``GRACEFUL_SHUTDOWN_S`` (Cloud Run allows 10 s) and exits 0.
 
 from __future__ import annotations
 
-import logging
 import signal
 import socket
 
@@ -23,8 +22,6 @@ from worker.runtime import tune_garbage_collector
 from worker.supervisor import report_ready
 from worker.telemetry import create_telemetry
 from worker.topics import Registry
-
-log = logging.getLogger(__name__)
 
 GRACEFUL_SHUTDOWN_S = 8
 
@@ -60,7 +57,7 @@ async def serve(
         telemetry,
     )
     host, port = sock.getsockname()[:2]
-    server = AnnouncingServer(server_config(app, port, host), ready_fd)
+    server = AnnouncingServer(server_config(app, port, host), sock, ready_fd)
     tune_garbage_collector()
     # Once shut down, uvicorn raises the signal that stopped it again, for the handler
     # it found: the default one would kill the process (exit 143, not 0). Take it here.
@@ -73,19 +70,14 @@ async def serve(
 
 
 class AnnouncingServer(uvicorn.Server):
-    """uvicorn, saying when it serves: to the supervisor through ``ready_fd``, or in
-    the log when this process is alone on the port."""
+    """uvicorn on ``sock``, saying when it serves (``report_ready``)."""
 
-    def __init__(self, config: uvicorn.Config, ready_fd: int | None) -> None:
+    def __init__(self, config: uvicorn.Config, sock: socket.socket, ready_fd: int | None) -> None:
         super().__init__(config)
+        self._sock = sock
         self._ready_fd = ready_fd
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
-        if not self.started:  # the lifespan failed: the process exits
-            return
-        if self._ready_fd is None:
-            host, port = self.config.host, self.config.port
-            log.info("serving", extra={"host": host, "port": port, "processes": 1})
-        else:
-            report_ready(self._ready_fd)
+        if self.started:  # otherwise the lifespan failed: the process exits
+            report_ready(self._ready_fd, self._sock)

@@ -126,8 +126,8 @@ async def run_worker(
     watching: asyncio.Task[None] | None = None
     try:
         await worker.start()
+        report_ready(ready_fd, sock)
         if ready_fd is not None:
-            report_ready(ready_fd)
             # A probe reaches one process of several: one whose pull loop ended exits
             # instead, and its supervisor starts it again.
             watching = asyncio.create_task(_stop_when_dead(worker, stop, dead))
