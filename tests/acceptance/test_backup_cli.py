@@ -7,7 +7,6 @@ import asyncio
 import json
 import sys
 import uuid
-from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
@@ -15,17 +14,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from handlers.backups import catalog
 from handlers.maintenance import ledger
-from handlers.maintenance_runs import RunKey
 from tests.acceptance.test_cli import ROOT, WorkerProcess, cli_env, run_cli
 from tests.conftest import url_for
-from tests.support.backups import TODAY, backup_settings, checksums, seed, slow_tools
+from tests.support.backups import backup_settings, checksums, scheduled_now, seed, slow_tools
 from tests.support.emulator import publish, wait_for
 from worker.config import Settings
 from worker.pubsub.client import PubSub
 from worker.storage import inventory
 from worker.storage.objects import open_store
-
-KEY = RunKey("backup", TODAY)
 
 
 async def _start_worker(env: dict[str, str]) -> WorkerProcess:
@@ -60,12 +56,13 @@ async def test_a_worker_killed_mid_backup_is_taken_over_by_the_next_delivery(
         MAINTENANCE_STALE_AFTER="2",
     )
     runs = ledger(engine, config)
-    request = {"task": "backup", "scheduled_for": datetime.now(UTC).isoformat()}
+    scheduled_for, run = scheduled_now()
+    request = {"task": "backup", "scheduled_for": scheduled_for}
 
     first = await _start_worker(env)
     await publish(pubsub, "maintenance", [request])
     await wait_for(
-        partial(runs.read, KEY), lambda r: r is not None and r.status == "running", timeout_s=30
+        partial(runs.read, run), lambda r: r is not None and r.status == "running", timeout_s=30
     )
     first.process.kill()  # SIGKILL, mid-dump: no failure recorded, the heartbeat stops
     await first.wait(10)
@@ -74,7 +71,7 @@ async def test_a_worker_killed_mid_backup_is_taken_over_by_the_next_delivery(
     try:
         await publish(pubsub, "maintenance", [request])  # the next delivery of the run
         done = await wait_for(
-            partial(runs.read, KEY),
+            partial(runs.read, run),
             lambda r: r is not None and r.status == "succeeded",
             timeout_s=60,
             what="the taken-over run",
@@ -93,9 +90,10 @@ async def test_a_worker_killed_mid_backup_is_taken_over_by_the_next_delivery(
 async def test_backup_commands_as_an_operator_runs_them(settings: Settings, tmp_path: Path) -> None:
     await seed(settings.database_url, rows=800)
     env = cli_env(settings, BACKUP_URL=f"file://{tmp_path}/store", LOG_LEVEL="WARNING")
-    code, out = await run_cli(env, "backup", "run")
+    day = scheduled_now()[1].day.isoformat()  # both runs name one day, midnight or not
+    code, out = await run_cli(env, "backup", "run", "--day", day)
     assert code == 0 and "succeeded, taken now" in out, out
-    code, out = await run_cli(env, "backup", "run")
+    code, out = await run_cli(env, "backup", "run", "--day", day)
     assert code == 0 and "already done (attempt 1)" in out, out
 
     code, out = await run_cli(env, "backup", "list", "--json")

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from handlers.backups import catalog
 from handlers.maintenance_runs import Ledger, RunKey, RunLost, RunResult, run_once
-from tests.support.backups import TODAY, backup_settings, seed, slow_tools
+from tests.support.backups import TODAY, backup_settings, scheduled_now, seed, slow_tools
 from tests.support.emulator import publish, running_worker, wait_for
 from tests.support.push import app_client, encoded, envelope
 from tests.support.topics import REGISTRY
@@ -102,22 +102,19 @@ async def test_an_owner_that_loses_its_run_stops_working(engine: AsyncEngine) ->
     assert cancelled.is_set()
 
 
-def _published_today() -> str:
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
-
-
 async def test_published_twice_by_pull_gives_one_backup(
     pubsub_settings: Settings, pubsub: PubSub, engine: AsyncEngine, tmp_path: Path
 ) -> None:
     await seed(pubsub_settings.database_url, rows=300)
     config = backup_settings(pubsub_settings, f"file://{tmp_path}")
-    request = {"task": "backup", "scheduled_for": _published_today()}
+    scheduled_for, run = scheduled_now()
+    request = {"task": "backup", "scheduled_for": scheduled_for}
     async with running_worker(config, topics=["maintenance"]):
         await publish(pubsub, "maintenance", [request, request])
         ledger = _ledger(engine, "test")
 
         async def succeeded() -> bool:
-            record = await ledger.read(KEY)
+            record = await ledger.read(run)
             return record is not None and record.status == "succeeded"
 
         await wait_for(succeeded, lambda done: done, timeout_s=60, what="the backup run")
@@ -126,7 +123,7 @@ async def test_published_twice_by_pull_gives_one_backup(
         open_store(config.backup_url), inventory.database_name(config.database_url)
     )
     assert len(backups) == 1 and backups[0].verified
-    record = await ledger.read(KEY)
+    record = await ledger.read(run)
     assert record is not None and record.attempt == 1
 
 

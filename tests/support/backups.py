@@ -72,6 +72,13 @@ async def checksums(database_url: str) -> dict[str, tuple[int, str]]:
     return sums
 
 
+def scheduled_now() -> tuple[str, RunKey]:
+    """A backup request's ``scheduled_for`` and the run it names, from one reading of the
+    clock: a suite that crosses midnight UTC must not wait on the other day's run."""
+    moment = datetime.now(UTC)
+    return moment.isoformat().replace("+00:00", "Z"), RunKey("backup", moment.date())
+
+
 def backup_settings(settings: Settings, backup_url: str, **changes: object) -> Settings:
     return dataclasses.replace(
         settings,
