@@ -1,17 +1,10 @@
-"""Scenarios ``batched`` and ``latency`` of the pull worker.
-
-- batched: 2k metrics messages of 500 samples each, drained by the worker; rows/s
-  against asyncpg ``copy_records_to_table`` of the same rows, same table, same run.
-- latency: 1k msg/s offered for 30 s to a running worker; p50 and p99 of the time
-  from publish (the publisher's clock before the call) to the row being visible
-  (committed) in PostgreSQL, which the benchmark polls every 5 ms.
-"""
+"""Scenario ``batched``: 2k metrics messages of 500 samples each, drained by the
+worker; rows/s against asyncpg ``copy_records_to_table`` of the same rows, same table,
+same run."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import statistics
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -21,7 +14,7 @@ import asyncpg
 from bench.common import asyncpg_dsn, fresh_database, report
 from bench.stack import bench_settings, fresh_topology, start_worker, stop_process, wait_for_rows
 from handlers.metrics import METRIC_COLUMNS
-from worker.pubsub.client import PubSub, PubsubMessage
+from worker.pubsub.client import PubsubMessage
 
 MESSAGES = 2000
 SAMPLES_PER_MESSAGE = 500
@@ -97,66 +90,3 @@ async def run_batched() -> None:
     finally:
         await raw.close()
         await pubsub.close()
-
-
-async def _offer(pubsub: PubSub, sent: dict[uuid.UUID, float]) -> None:
-    """Publish RATE_PER_S messages a second, TICK_S apart, for DURATION_S."""
-    target = pubsub.topic("metrics")
-    per_tick = int(RATE_PER_S * TICK_S)
-    start = time.monotonic()
-    ticks = int(DURATION_S / TICK_S)
-    for tick in range(ticks):
-        due = start + tick * TICK_S
-        delay = due - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        now = datetime.now(UTC)
-        ids = [uuid.uuid4() for _ in range(per_tick)]
-        payloads = [
-            PubsubMessage(data=json.dumps({**_sample(tick, now), "event_id": str(i)}).encode())
-            for i in ids
-        ]
-        stamp = time.monotonic()
-        for i in ids:
-            sent[i] = stamp
-        await pubsub.publish(target, payloads)
-
-
-async def _watch(
-    settings_dsn: str, sent: dict[uuid.UUID, float], seen: dict[uuid.UUID, float], total: int
-) -> None:
-    conn = await asyncpg.connect(settings_dsn)
-    try:
-        deadline = time.monotonic() + DURATION_S + 60
-        while len(seen) < total and time.monotonic() < deadline:
-            pending = [i for i in sent if i not in seen]
-            if pending:
-                found = await conn.fetch(
-                    "SELECT id FROM system_metric_ids WHERE id = ANY($1::uuid[])", pending
-                )
-                stamp = time.monotonic()
-                for record in found:
-                    seen[record["id"]] = stamp
-            await asyncio.sleep(0.005)
-    finally:
-        await conn.close()
-
-
-async def run_latency() -> None:
-    settings = bench_settings(await fresh_database("utxoiq_bench_latency"))
-    pubsub = await fresh_topology(settings)
-    worker = start_worker(settings, "--only", "metrics")
-    sent: dict[uuid.UUID, float] = {}
-    seen: dict[uuid.UUID, float] = {}
-    total = int(RATE_PER_S * TICK_S) * int(DURATION_S / TICK_S)
-    try:
-        await asyncio.gather(_offer(pubsub, sent), _watch(asyncpg_dsn(settings), sent, seen, total))
-    finally:
-        stop_process(worker)
-        await pubsub.close()
-    if len(seen) < total:
-        raise RuntimeError(f"only {len(seen)} of {total} messages were committed")
-    latencies_ms = sorted((seen[i] - sent[i]) * 1000 for i in sent)
-    quantiles = statistics.quantiles(latencies_ms, n=100)
-    report("latency", "p50_ms", quantiles[49])
-    report("latency", "p99_ms", quantiles[98])

@@ -33,12 +33,10 @@ The scenario takes 3 to 4 minutes on 2 cores, most of it seeding and the runs.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import statistics
 import tempfile
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -48,18 +46,17 @@ from bench.backup import WorkerRun, run_worker
 from bench.common import _as_admin, asyncpg_dsn, fresh_database, report
 from bench.retention_data import ARCHIVED_ROWS, WINDOW_DAYS, Layout, say, seed
 from bench.stack import bench_settings, fresh_topology, start_worker, stop_process
+from bench.steady import latencies_ms
 from handlers.retention.sweep import COPY_OPTIONS
 from handlers.retention.tables import METRICS
 from handlers.retention.task import RUN_LOCK
 from worker.config import Settings
-from worker.pubsub.client import PubSub, PubsubMessage
 
 SCENARIO = "retention"
 DATABASE = "utxoiq_bench_retention"
 RATE_PER_S = 500
 DURATION_S = 20
 WARMUP_S = 3
-TICK_S = 0.01
 # The ingestion part's data: one whole month of these rows, and the cutoff's month's.
 INGEST_MONTH_ROWS = 100_000
 INGEST_PARTIAL_ROWS = 1_600_000  # the run must still be deleting when the window ends
@@ -158,70 +155,6 @@ async def archive_run(settings: Settings, archive: Path) -> tuple[float, float]:
     return archived / seconds, run.peak_rss_mb
 
 
-def _payload(event_id: uuid.UUID, n: int, now: datetime) -> bytes:
-    sample = {
-        "event_id": str(event_id),
-        "service_name": f"svc-{n % 16}",
-        "metric_type": ("cpu", "memory", "latency", "requests")[n % 4],
-        "metric_value": (n % 1000) / 10,
-        "unit": ("percent", "megabytes", "milliseconds", "per_second")[n % 4],
-        "timestamp": now.isoformat(),
-        "metadata": {"host": f"node-{n % 64}", "region": "us-central1", "pod": f"p-{n % 997}"},
-    }
-    return json.dumps(sample).encode()
-
-
-async def _offer(pubsub: PubSub, sent: dict[uuid.UUID, float], duration_s: float) -> None:
-    """Publish ``RATE_PER_S`` messages a second, ``TICK_S`` apart, for ``duration_s``."""
-    target, per_tick, start = pubsub.topic("metrics"), int(RATE_PER_S * TICK_S), time.monotonic()
-    for tick in range(int(duration_s / TICK_S)):
-        delay = start + tick * TICK_S - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        ids, now = [uuid.uuid4() for _ in range(per_tick)], datetime.now(UTC)
-        messages = [
-            PubsubMessage(data=_payload(i, tick * per_tick + n, now)) for n, i in enumerate(ids)
-        ]
-        stamp = time.monotonic()
-        sent.update(dict.fromkeys(ids, stamp))
-        await pubsub.publish(target, messages)
-
-
-def _offered(duration_s: float) -> int:
-    return int(RATE_PER_S * TICK_S) * int(duration_s / TICK_S)
-
-
-async def _watch(
-    dsn: str, sent: dict[uuid.UUID, float], seen: dict[uuid.UUID, float], duration_s: float
-) -> None:
-    """Note when each sent id is committed, until all are or a minute after the offer."""
-    total = _offered(duration_s)
-    conn = await asyncpg.connect(dsn)
-    try:
-        deadline = time.monotonic() + duration_s + 60
-        while len(seen) < total and time.monotonic() < deadline:
-            pending = [i for i in sent if i not in seen]
-            if pending:
-                found = await conn.fetch(
-                    "SELECT id FROM system_metric_ids WHERE id = ANY($1::uuid[])", pending
-                )
-                stamp = time.monotonic()
-                seen.update((record["id"], stamp) for record in found)
-            await asyncio.sleep(0.005)
-    finally:
-        await conn.close()
-    if len(seen) < total:
-        raise RuntimeError(f"only {len(seen)} of {total} messages were committed")
-
-
-async def latencies_ms(pubsub: PubSub, dsn: str, duration_s: float) -> list[float]:
-    """Publish-to-commit latencies of ``duration_s`` of the steady offer."""
-    sent: dict[uuid.UUID, float] = {}
-    seen: dict[uuid.UUID, float] = {}
-    await asyncio.gather(_offer(pubsub, sent, duration_s), _watch(dsn, sent, seen, duration_s))
-    return sorted((seen[i] - sent[i]) * 1000 for i in sent)
-
-
 async def _lock_taken(dsn: str, run: asyncio.Future[WorkerRun]) -> None:
     """Return once the retention run holds its advisory lock (its work has begun)."""
     conn = await asyncpg.connect(dsn)
@@ -241,14 +174,14 @@ async def ingest_p99s(settings: Settings, archive: Path) -> tuple[list[float], l
     dsn, pubsub = asyncpg_dsn(settings), await fresh_topology(settings)
     worker = start_worker(settings, "--only", "metrics")
     try:
-        await latencies_ms(pubsub, dsn, WARMUP_S)
-        idle = await latencies_ms(pubsub, dsn, DURATION_S)
+        await latencies_ms(pubsub, dsn, RATE_PER_S, WARMUP_S)
+        idle = await latencies_ms(pubsub, dsn, RATE_PER_S, DURATION_S)
         await forget_runs(settings)
         env = worker_env(settings, archive)
         run = asyncio.ensure_future(asyncio.to_thread(run_worker, env, *RUN_ARGS))
         try:
             await _lock_taken(dsn, run)
-            during = await latencies_ms(pubsub, dsn, DURATION_S)
+            during = await latencies_ms(pubsub, dsn, RATE_PER_S, DURATION_S)
             left = await past_rows(settings)
             if run.done() or not left:
                 raise RuntimeError("the retention run was done within the window: seed more rows")

@@ -12,6 +12,8 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
+from typing import IO
 
 import asyncpg
 
@@ -62,11 +64,14 @@ async def publish_all(pubsub: PubSub, topic: str, payloads: Sequence[bytes]) -> 
     await asyncio.gather(*(send(c) for c in chunks))
 
 
-def start_worker(settings: Settings, *args: str) -> subprocess.Popen[bytes]:
+def start_worker(
+    settings: Settings, *args: str, metrics_to: Path | None = None
+) -> subprocess.Popen[bytes]:
     """Start ``utxoiq-worker run``; return once it has started (its imports done).
 
     Timing starts there: a long-running worker boots once, so boot time is not
-    part of how fast it drains.
+    part of how fast it drains. With ``metrics_to``, the worker writes its metrics
+    there as it exits (OpenTelemetry's console exporter, one JSON line).
     """
     env = {
         **os.environ,
@@ -76,12 +81,19 @@ def start_worker(settings: Settings, *args: str) -> subprocess.Popen[bytes]:
         "PORT": "0",  # its probes on any free port
         "WORKER_PROCESSES": "1",  # the figures are one process's
     }
+    stdout: IO[bytes] | int = subprocess.DEVNULL
+    if metrics_to is not None:
+        # One export, at exit: cumulative since start, and nothing exported meanwhile.
+        env.update(OTEL_METRICS_EXPORTER="console", OTEL_METRIC_EXPORT_INTERVAL="86400000")
+        stdout = metrics_to.open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "worker", "run", *args],
         env=env,
-        stdout=subprocess.DEVNULL,
+        stdout=stdout,
         stderr=subprocess.PIPE,
     )
+    if not isinstance(stdout, int):
+        stdout.close()  # the child holds its own copy
     started = threading.Event()
 
     def watch() -> None:

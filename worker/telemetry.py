@@ -2,32 +2,53 @@
 
 Counters of received, committed, dead-lettered (by reason) and nacked messages per
 topic; histograms of batch size, commit latency and end-to-end lag (commit time minus
-publish time); one span per batch, linked to each publisher's trace that its messages
-carry (``worker.pipeline.trace_links``). The read side counts cache hits and misses and
-times each read; pool use and the age of the last good backup are gauges; maintenance
-runs are counted by task and outcome. PostgreSQL, Redis and HTTP spans come from
+publish time), and of each stage of a message's way (``STAGES``); one span per batch,
+linked to each publisher's trace that its messages carry
+(``worker.pipeline.trace_links``). The read side counts cache hits and misses and times
+each read; pool use and the age of the last good backup are gauges; maintenance runs
+are counted by task and outcome. PostgreSQL, Redis and HTTP spans come from
 OpenTelemetry's own instrumentation (``worker.instrumentation``) when exporting: the
 runtime and the HTTP app turn it on.
 
 Without ``OTEL_EXPORTER_OTLP_ENDPOINT`` the instruments still work (tests read them
-with an in-memory reader) but export nowhere.
+with an in-memory reader) but export nowhere. ``OTEL_METRICS_EXPORTER=console`` (the
+OpenTelemetry variable; other values are OTLP's business) also writes every export of
+the metrics as one JSON line on standard output, the last at exit: what the latency
+benchmark reads the stage histograms from, with no collector.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.export import (
+    ConsoleMetricExporter,
+    MetricReader,
+    MetricsData,
+    PeriodicExportingMetricReader,
+)
+from opentelemetry.sdk.metrics.view import ExponentialBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 SERVICE_NAME = "utxoiq-persistence-worker"
+
+STAGES = ("delivery", "validate", "batch_wait", "commit", "invalidate", "ack")
+"""A message's way through the worker, each stage timed (``worker.stage.duration``):
+publish to receipt (pull or push), receipt to validated (a pull's messages queue
+behind each other), validated to its batch's flush, the batch's transaction, the
+invalidations published after it, and ack called to ack sent (pull: acks go in bulk).
+Each is recorded once per batch (per ack request for ``ack``) for its slowest message,
+so a message's time in a stage is at most what is recorded."""
+
+STAGE_HISTOGRAM = "worker.stage.duration"
 
 PoolReading = Callable[[], dict[str, int]]
 """Open connections of a pool by state (``checked_out``, ``idle``)."""
@@ -55,6 +76,8 @@ class Telemetry:
         self.commit_latency_ms = meter.create_histogram("worker.batch.commit_latency", unit="ms")
         # Per batch, the lag of its oldest message: an upper bound for all of them.
         self.lag_ms = meter.create_histogram("worker.batch.end_to_end_lag", unit="ms")
+        # By topic and stage (STAGES): where a slow message spent its time.
+        self.stage_ms = meter.create_histogram(STAGE_HISTOGRAM, unit="ms")
         # The read path, by cache (the key's first part: feedback, backfill, metrics):
         # hit or miss, and the read's whole time (a miss includes its query and fill).
         self.cache_lookups = meter.create_counter("cache.lookups", unit="{lookup}")
@@ -93,6 +116,9 @@ class Telemetry:
         self.tracer_provider.shutdown()
 
 
+_EXPONENTIAL = ExponentialBucketHistogramAggregation(max_size=320)
+
+
 def create_telemetry(extra_readers: Sequence[MetricReader] = ()) -> Telemetry:
     """Providers of our own (not the global ones), exporting over OTLP if configured."""
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", SERVICE_NAME)})
@@ -105,5 +131,20 @@ def create_telemetry(extra_readers: Sequence[MetricReader] = ()) -> Telemetry:
 
         readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
         tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+    if "console" in os.environ.get("OTEL_METRICS_EXPORTER", "").split(","):
+        console = ConsoleMetricExporter(out=sys.stdout, formatter=_one_line)
+        readers.append(PeriodicExportingMetricReader(console))
+    meter_provider = MeterProvider(
+        resource=resource,
+        metric_readers=readers,
+        # Stage times span microseconds (validation) to seconds (a slow commit): an
+        # exponential histogram keeps every quantile within a bucket's width (under 5%
+        # with 320 buckets over up to 20 doublings), where the default buckets (0, 5,
+        # 10, 25, 50, 75 ... ms) cannot tell 55 ms from 70.
+        views=[View(instrument_name=STAGE_HISTOGRAM, aggregation=_EXPONENTIAL)],
+    )
     return Telemetry(meter_provider, tracer_provider, exporting)
+
+
+def _one_line(data: MetricsData) -> str:
+    return data.to_json(indent=None) + "\n"

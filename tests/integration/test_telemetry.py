@@ -1,7 +1,8 @@
 """Telemetry against the real stack: a batch span linked to its publishers' traces,
 with PostgreSQL's spans (OpenTelemetry's asyncpg instrumentation) inside it; dead
-letters counted by reason; the read path's hits, misses and durations; pool use; the
-read API's server spans (OpenTelemetry's FastAPI instrumentation), probes left out."""
+letters counted by reason; each stage of a message's way timed; the read path's hits,
+misses and durations; pool use; the read API's server spans (OpenTelemetry's FastAPI
+instrumentation), probes left out."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.metrics.export import ExponentialHistogramDataPoint, InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -25,8 +26,9 @@ from worker.config import Settings
 from worker.http.app import create_app
 from worker.http.services import Services
 from worker.instrumentation import instrument_clients, uninstrument_clients
+from worker.pipeline.settings import BatchSettings
 from worker.pubsub.client import PubSub
-from worker.telemetry import Telemetry, create_telemetry
+from worker.telemetry import STAGE_HISTOGRAM, STAGES, Telemetry, create_telemetry
 
 TRACE, SPAN = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
 
@@ -102,6 +104,32 @@ def probe_spans(recorded: Recorded) -> Any:
         return recorded.finished("batch feedback")
 
     return probe
+
+
+async def test_each_stage_of_a_message_is_timed_for_the_slowest_of_its_batch(
+    pubsub_settings: Settings, pubsub: PubSub, recorded: Recorded
+) -> None:
+    # No flush while idle: the batch waits out its 300 ms delay, a wait the batching
+    # stage must show (and no other stage).
+    held = BatchSettings(max_batch_size=1000, max_batch_delay_ms=300, flush_when_idle=False)
+    async with running_worker(
+        pubsub_settings, topics=("feedback",), telemetry=recorded.telemetry, batch=held
+    ):
+        payloads = [feedback_payload(user_id=f"u{i}") for i in range(20)]
+        await publish(pubsub, "feedback", payloads)
+
+        async def timed() -> dict[str, ExponentialHistogramDataPoint]:
+            return {a["stage"]: p for a, p in recorded.points(STAGE_HISTOGRAM)}
+
+        await wait_for(timed, lambda found: set(found) == set(STAGES), what="every stage timed")
+    stages = await timed()
+    assert all(isinstance(p, ExponentialHistogramDataPoint) for p in stages.values())
+    assert 250 <= stages["batch_wait"].max < 5000, stages["batch_wait"]
+    for name in ("validate", "commit", "invalidate", "ack"):
+        assert 0 < stages[name].max < 250, (name, stages[name])
+    assert stages["delivery"].min >= 0 and stages["delivery"].max < 5000, stages["delivery"]
+    attributes = {tuple(sorted(a.items())) for a, _ in recorded.points(STAGE_HISTOGRAM)}
+    assert attributes == {(("stage", s), ("topic", "feedback")) for s in STAGES}
 
 
 async def test_reads_count_hits_and_misses_and_the_pool_is_observed(

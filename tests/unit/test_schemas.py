@@ -22,7 +22,7 @@ from handlers.metrics import MetricsHandler, samples_message
 from schemas.backfill import MAX_BLOCK, BackfillProgressEvent
 from schemas.feedback import FeedbackEvent
 from schemas.metrics import MetricSample, MetricsBatch
-from tests.support.factories import backfill_payload, feedback_payload, metric_payload
+from tests.support.factories import T0, backfill_payload, feedback_payload, metric_payload
 from worker.exceptions import SchemaViolationError
 
 MISSING = object()
@@ -84,7 +84,7 @@ def test_backfill_contract_example_is_valid() -> None:
     assert event.job_id == uuid.UUID("5d0e6f7a-3c1b-4f7e-9a55-1f1f7f1d2c3b")
     assert (event.start_block, event.current_block, event.end_block) == (800000, 805000, 810000)
     assert event.status == "running"
-    assert event.occurred_at == datetime(2026, 11, 21, 10, tzinfo=UTC)
+    assert event.occurred_at == T0  # the example's time moved to six days ago
     assert event.error_message is None and event.estimated_completion is None
     assert event.created_by == "admin"
 
@@ -215,7 +215,7 @@ def test_feedback_contract_example_is_valid() -> None:
     assert event.rating == 5
     assert event.comment == "Great insight!"
     assert event.flag_type is None and event.flag_reason is None and event.event_id is None
-    assert event.occurred_at == datetime(2026, 11, 21, 10, tzinfo=UTC)
+    assert event.occurred_at == T0  # the example's time moved to six days ago
 
 
 @pytest.mark.parametrize(
@@ -326,7 +326,7 @@ def test_metric_contract_example_is_valid() -> None:
     assert sample.event_id == uuid.UUID("0b8c6a4e-8a3f-4f4b-b0f4-3f1d2a9e7c11")
     assert (sample.service_name, sample.metric_type, sample.unit) == ("web-api", "cpu", "percent")
     assert sample.metric_value == 45.5
-    assert sample.timestamp == datetime(2026, 11, 21, 10, tzinfo=UTC)
+    assert sample.timestamp == T0  # the example's time moved to six days ago
     assert sample.metadata == {"host": "a"}
 
 
@@ -552,7 +552,7 @@ def test_event_key_is_the_hash_of_the_canonical_event() -> None:
     # Keys are stored (status_event_key, event_key) and compared with the keys of later
     # events, computed by other processes and releases: a change of definition is a
     # deliberate decision (stored keys would need recomputing), never an accident.
-    event = validate(FeedbackEvent, feedback_payload())
+    event = validate(FeedbackEvent, feedback_payload(occurred_at="2026-11-21T10:00:00Z"))
     canonical = (
         b'{"comment":"Great insight!","event_id":null,"flag_reason":null,"flag_type":null,'
         b'"insight_id":"insight_123","occurred_at":"2026-11-21T10:00:00+00:00","rating":5,'

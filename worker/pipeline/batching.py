@@ -36,7 +36,7 @@ from worker.pipeline.handler import BatchOutcome, Handler
 from worker.pipeline.settings import BatchSettings
 from worker.pipeline.supervision import keep_running
 from worker.pipeline.trace_links import links_to_publishers
-from worker.telemetry import Telemetry
+from worker.telemetry import STAGES, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class _Entry:
     delivery: Delivery
     item: Any = None
     error: PermanentError | None = None
+    validated_at: float = 0.0
 
 
 class Backoff:
@@ -109,6 +110,7 @@ class TopicPipeline:
         self.after_commit = after_commit
         self.backoff = backoff or Backoff()
         self._attributes = {"topic": self.topic}
+        self._stages = {stage: {"topic": self.topic, "stage": stage} for stage in STAGES}
         self._pending: list[_Entry] = []
         self._pending_bytes = 0
         self._oldest_at = 0.0
@@ -136,6 +138,7 @@ class TopicPipeline:
             except Exception:
                 self._unexpected("validate", [delivery])
                 return
+        entry.validated_at = time.monotonic()
         if not self._pending:
             self._oldest_at = time.monotonic()
             self._wakeup.set()  # a batch has started: its delay clock runs
@@ -155,6 +158,26 @@ class TopicPipeline:
     async def run(self) -> None:
         """Flush batches until cancelled."""
         await keep_running(f"flush-{self.topic}", self._flush_loop, self.count_unexpected)
+
+    def record_stage(self, stage: str, seconds: float) -> None:
+        """Time spent in ``stage`` (``worker.telemetry.STAGES``) by the slowest message
+        of a batch, or of a source's bulk request."""
+        self.telemetry.stage_ms.record(seconds * 1000, self._stages[stage])
+
+    def _record_waits(self, batch: list[_Entry], flushed_at: float) -> None:
+        """The batch's delivery, validation and batching stages, each for the message
+        that spent the longest in it (one loop, no OpenTelemetry call per message)."""
+        oldest = min(batch, key=lambda e: e.delivery.publish_time).delivery
+        wall_offset_s = time.time() - flushed_at
+        self.record_stage(
+            "delivery", oldest.received_at + wall_offset_s - oldest.publish_time.timestamp()
+        )
+        validate_s, first_validated_at = 0.0, flushed_at
+        for entry in batch:
+            validate_s = max(validate_s, entry.validated_at - entry.delivery.received_at)
+            first_validated_at = min(first_validated_at, entry.validated_at)
+        self.record_stage("validate", validate_s)
+        self.record_stage("batch_wait", flushed_at - first_validated_at)
 
     def count_unexpected(self, stage: str) -> None:
         self.telemetry.unexpected_errors.add(1, {"topic": self.topic, "stage": stage})
@@ -251,6 +274,7 @@ class TopicPipeline:
     async def _settle(self, batch: list[_Entry]) -> None:
         # Counted per batch, not per message: an OpenTelemetry call costs as much as
         # validating a small payload.
+        self._record_waits(batch, time.monotonic())
         self.telemetry.received.add(len(batch), self._attributes)
         valid = [e for e in batch if e.error is None]
         dead: list[tuple[Delivery, PermanentError]] = [
@@ -259,7 +283,7 @@ class TopicPipeline:
         committed: list[Delivery] = []
         if valid:
             self.telemetry.batch_size.record(len(valid), self._attributes)
-            started = time.perf_counter()
+            started = time.monotonic()
             try:
                 outcome, unexpected = await self._apply([e.item for e in valid])
             except WorkerError as error:
@@ -273,9 +297,9 @@ class TopicPipeline:
                 outcome, unexpected = BatchOutcome(), []
             else:
                 self.backoff.succeeded()
-                self.telemetry.commit_latency_ms.record(
-                    (time.perf_counter() - started) * 1000, self._attributes
-                )
+                commit_s = time.monotonic() - started
+                self.telemetry.commit_latency_ms.record(commit_s * 1000, self._attributes)
+                self.record_stage("commit", commit_s)
             if unexpected:
                 self._nack([valid[i].delivery for i in unexpected])
             failures = outcome.failures
@@ -287,6 +311,7 @@ class TopicPipeline:
             ]
             if committed and outcome.cache_keys and self.after_commit is not None:
                 self.crash_points.reach(CrashPoint.AFTER_COMMIT)
+                started = time.monotonic()
                 try:
                     await self.after_commit(self.topic, outcome.cache_keys)
                 except WorkerError as error:
@@ -295,6 +320,7 @@ class TopicPipeline:
                     self._nack(committed)
                     committed = []
                 else:
+                    self.record_stage("invalidate", time.monotonic() - started)
                     self.crash_points.reach(CrashPoint.AFTER_PUBLISH)
         if committed:
             oldest = min(d.publish_time for d in committed)

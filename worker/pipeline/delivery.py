@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
@@ -21,7 +22,8 @@ class Settler(Protocol):
 class Delivery:
     """One delivery of one Pub/Sub message: pull and push both make these.
 
-    ``token`` is the source's own handle (an ack id, a pending HTTP response).
+    ``token`` is the source's own handle (an ack id, a pending HTTP response);
+    ``received_at`` is when the source got it (``time.monotonic()``).
     """
 
     data: bytes
@@ -35,6 +37,7 @@ class Delivery:
     # Set by a source that already knows the message can never apply (push data
     # that is not base64): the pipeline dead-letters it without decoding.
     error: PermanentError | None = None
+    received_at: float = field(default_factory=time.monotonic)
     settled: bool = field(default=False)
 
     def ack(self) -> None:

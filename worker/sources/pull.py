@@ -103,6 +103,7 @@ class PullSource:
         # or the subscription is idle).
         self._traffic = asyncio.Event()
         self._acks: list[str] = []
+        self._first_ack_at = 0.0  # when the oldest ack waiting to be sent was called
         self._nacks: list[str] = []
         self._settle_now = asyncio.Event()
         self._pulling: list[asyncio.Task[None]] = []
@@ -113,6 +114,8 @@ class PullSource:
 
     def ack(self, delivery: Delivery) -> None:
         ack_id = self._release(delivery)
+        if not self._acks:
+            self._first_ack_at = time.monotonic()
         self._acks.append(ack_id)
         if len(self._acks) >= MAX_PULL_MESSAGES:
             self._settle_now.set()
@@ -285,6 +288,7 @@ class PullSource:
     def _deliveries(self, received: list[Any]) -> list[Delivery]:
         """A pull's messages as deliveries, each protobuf field read once."""
         publish_time = _PublishTimes()
+        received_at = time.monotonic()
         deliveries = []
         for received_message in received:
             message = received_message.message
@@ -298,6 +302,7 @@ class PullSource:
                     settler=self,
                     token=received_message.ack_id,
                     delivery_attempt=received_message.delivery_attempt or None,
+                    received_at=received_at,
                 )
             )
         return deliveries
@@ -312,6 +317,7 @@ class PullSource:
 
     async def _settle(self) -> None:
         acks, self._acks = self._acks, []
+        first_ack_at = self._first_ack_at
         nacks, self._nacks = self._nacks, []
         # An ack that is lost only means a redelivery, and every write is idempotent;
         # still, try twice before leaving it to Pub/Sub.
@@ -319,6 +325,7 @@ class PullSource:
             try:
                 if acks:
                     await self.pubsub.acknowledge(self.subscription, acks)
+                    self.pipeline.record_stage("ack", time.monotonic() - first_ack_at)
                     acks = []
                 if nacks:
                     await self.pubsub.modify_ack_deadline(self.subscription, nacks, 0)
