@@ -8,6 +8,12 @@ default) and on one process. In the same run, the same load against two baseline
 the ceiling (``bench.empty_push``: the same server and processes answering 204 with
 no work) and the naive endpoint (``bench.naive_push``: one transaction per request).
 
+Saturation p99 measures wrk's queue as much as the server, so each server on one
+process per core is also offered a fixed rate for 15 s (``bench.paced``, wrk2's way:
+latency from each request's due time): half of what ``serve`` sustained at
+saturation, the same rate for the ceiling. ``paced_p99_ms`` is that p99, against the
+ceiling's at the same rate.
+
 The load comes from wrk, whose Lua script makes every body unique without encoding
 base64 per request: the payload is laid out so that its variable part (the last 12
 hex digits of ``event_id``) starts on a 3-byte boundary, and the base64 of every
@@ -37,6 +43,7 @@ from pathlib import Path
 
 import asyncpg
 
+from bench import paced
 from bench.common import asyncpg_dsn, fresh_database, report
 from bench.stack import bench_settings, fresh_topology, stop_process
 from worker.config import Settings
@@ -44,6 +51,9 @@ from worker.supervisor import cpu_quota
 
 DURATION_S = 20
 WARMUP_S = 2
+PACED_S = 15
+PACED_SHARE = 0.5  # of the saturation rate
+PACED_CONNECTIONS = 64
 CONNECTIONS = 64
 CLIENT_THREADS = 2
 # '{  "event_id":"' (15) + 'tttttttt-0000-4000-8000-' (24): the counter starts at 39.
@@ -164,6 +174,15 @@ def _wrk(url: str, script: Path, duration_s: int) -> Load:
     )
 
 
+def _paced_requests(project: str, first: int, count: int) -> list[bytes]:
+    """``count`` push requests of distinct event ids, from ``first`` on."""
+    before, after, _ = _pieces(project, 0)
+    return [
+        paced.post("/push/metrics", (before + b64(f"{n:012x}") + after % f"p-{n}").encode())
+        for n in range(first, first + count)
+    ]
+
+
 # -- fallback: httpx clients in two processes -----------------------------------------
 
 
@@ -263,9 +282,12 @@ async def _rows(settings: Settings) -> int:
         await conn.close()
 
 
-async def _measure(module: str, settings: Settings, processes: int, *args: str) -> Load:
+async def _measure(
+    module: str, settings: Settings, processes: int, *args: str, paced_per_s: float | None = None
+) -> tuple[Load, paced.PacedLoad | None]:
     """Serve with ``module`` on ``processes``, warm it up, load it for ``DURATION_S``;
-    check the rows (none for the ceiling, which stores nothing)."""
+    then, with ``paced_per_s``, offer that fixed rate (0: half the rate just measured)
+    for ``PACED_S``; check the rows (none for the ceiling, which stores nothing)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/push/metrics"
     process = await asyncio.to_thread(_start, module, settings, port, processes, *args)
@@ -285,18 +307,25 @@ async def _measure(module: str, settings: Settings, processes: int, *args: str) 
             print("bench push: wrk not found, using httpx clients", file=sys.stderr)
             before = await _rows(settings)
             load = await asyncio.to_thread(_httpx, url, settings.google_cloud_project, DURATION_S)
+        fixed = None
+        if paced_per_s is not None:
+            rate = paced_per_s or load.per_s * PACED_SHARE
+            requests = _paced_requests(
+                settings.google_cloud_project, next(_SERIES) * 10**13, int(rate * PACED_S)
+            )
+            fixed = await paced.offer("127.0.0.1", port, requests, rate, PACED_CONNECTIONS)
     finally:
         await asyncio.to_thread(stop_process, process)
-    stored = await _rows(settings) - before
-    if module == CEILING:
-        stored = load.ok
-    if load.failed or stored < load.ok:
+    answered = load.ok + (fixed.ok if fixed else 0)
+    failed = load.failed + (fixed.failed if fixed else 0)
+    stored = answered if module == CEILING else await _rows(settings) - before
+    if failed or stored < answered:
         print(
-            f"bench push ({module}): {load.failed} failed requests, "
-            f"{stored} rows for {load.ok} answered 204",
+            f"bench push ({module}): {failed} failed requests, "
+            f"{stored} rows for {answered} answered 204",
             file=sys.stderr,
         )
-    return load
+    return load, fixed
 
 
 CEILING = "bench.empty_push"
@@ -309,14 +338,27 @@ async def run() -> None:
     pubsub = await fresh_topology(settings)  # dead-letter and invalidation topics
     await pubsub.close()
     serve = ("serve", "--host", "127.0.0.1")
-    ceiling = await _measure(CEILING, settings, cores)
-    push = await _measure("worker", settings, cores, *serve)
-    ceiling_1 = await _measure(CEILING, settings, 1)
-    push_1 = await _measure("worker", settings, 1, *serve)
+    push, push_paced = await _measure("worker", settings, cores, *serve, paced_per_s=0)
+    assert push_paced is not None
+    ceiling, ceiling_paced = await _measure(
+        CEILING, settings, cores, paced_per_s=push_paced.offered_per_s
+    )
+    assert ceiling_paced is not None
+    ceiling_1, _ = await _measure(CEILING, settings, 1)
+    push_1, _ = await _measure("worker", settings, 1, *serve)
     naive_settings = bench_settings(await fresh_database("utxoiq_bench_push_naive"))
-    naive = await _measure("bench.naive_push", naive_settings, 1)
+    naive, _ = await _measure("bench.naive_push", naive_settings, 1)
     report("push", "req_per_s", push.per_s, f"empty_server_{cores}_processes", ceiling.per_s)
     report("push", "req_per_s", push.per_s, "naive_endpoint", naive.per_s)
     report("push", "req_per_s_1_process", push_1.per_s, "empty_server_1_process", ceiling_1.per_s)
     report("push", "p99_ms", push.p99_ms)
     report("push", "p99_ms_1_process", push_1.p99_ms)
+    rate = f"{push_paced.offered_per_s:.0f}_req_per_s"
+    for name in ("p50_ms", "p99_ms", "max_ms"):
+        report(
+            "push",
+            f"paced_{name}",
+            getattr(push_paced, name),
+            f"empty_server_paced_at_{rate}",
+            getattr(ceiling_paced, name),
+        )

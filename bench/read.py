@@ -16,6 +16,11 @@ Baselines in the same run: a raw Redis GET of the same key on the same client, b
 as many tasks (goal: cached reads >= 0.5 of its rate); over HTTP, the same server doing
 no work (``bench.empty_push``, on as many processes as ``serve``) under the same load.
 
+Saturation p99 measures wrk's queue as much as the server: the cached HTTP read is
+also offered a fixed rate for 10 s (``bench.paced``, latency from each request's due
+time), half of what it sustained under wrk, and the do-nothing server the same rate
+(``cached_http_paced_p99_ms`` against ``empty_server_paced_p99``).
+
 Targets (from the issue): cached p99 <= 1 ms in process, <= 5 ms over HTTP.
 """
 
@@ -43,6 +48,7 @@ from datetime import UTC, datetime
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bench import paced
 from bench.common import fresh_database, report
 from schemas.cache_keys import stats_cache_key
 from schemas.feedback import FLAG_TYPES, FeedbackEvent, FeedbackStats
@@ -63,6 +69,8 @@ IN_PROCESS_S = 3.0
 WRK_DURATION_S = 5
 WRK_WARMUP_S = 1
 WRK_THREADS = 2
+PACED_S = 10
+PACED_SHARE = 0.5  # of the saturation rate
 CLOSED_REDIS_URL = "redis://127.0.0.1:1/0"
 
 
@@ -312,19 +320,33 @@ async def _wrk(wrk: str, url: str, duration_s: int) -> WrkResult:
     return parse_wrk(out.decode("utf-8", "replace"))
 
 
+async def _paced(server: _Server, path: str, rate_per_s: float) -> paced.PacedLoad:
+    """``PACED_S`` of GET ``path`` at ``rate_per_s``; every request must be answered 2xx."""
+    requests = [paced.get(path)] * int(rate_per_s * PACED_S)
+    load = await paced.offer("127.0.0.1", server.port, requests, rate_per_s, READERS)
+    if load.failed:
+        raise RuntimeError(f"{load.failed} paced reads failed; log:\n{server.tail()}")
+    return load
+
+
 async def _http_phase(
     settings: Settings, cached: bool, insight_id: str, expected_ratings: int, wrk: str
-) -> WrkResult:
+) -> tuple[WrkResult, paced.PacedLoad | None]:
+    """wrk's saturation figures; for the cached server, also the paced ones."""
     redis_url = settings.redis_url if cached else CLOSED_REDIS_URL
     server = await _start_server(settings, redis_url)
+    fixed = None
     try:
-        url = f"{server.base}/v1/feedback/{insight_id}/stats"
+        path = f"/v1/feedback/{insight_id}/stats"
+        url = server.base + path
         # One read to check the answer (and, on the cached server, that the key is warm).
         status, body = await asyncio.to_thread(_http_get, url)
         if status != 200 or json.loads(body)["total_ratings"] != expected_ratings:
             raise RuntimeError(f"unexpected answer {status} {body!r}; log:\n{server.tail()}")
         await _wrk(wrk, url, WRK_WARMUP_S)  # connections, pools, code paths; discarded
         result = await _wrk(wrk, url, WRK_DURATION_S)
+        if cached:
+            fixed = await _paced(server, path, result.requests_per_s * PACED_SHARE)
     finally:
         await _stop_server(server)
     # The cache logs each time it gives up on Redis (at most once a second): the
@@ -334,16 +356,19 @@ async def _http_phase(
         raise RuntimeError(f"the cached server read through to the database:\n{server.tail()}")
     if not cached and not bypassed:
         raise RuntimeError(f"the uncached server never found Redis down:\n{server.tail()}")
-    return result
+    return result, fixed
 
 
-async def _ceiling_phase(settings: Settings, wrk: str) -> WrkResult:
+async def _ceiling_phase(
+    settings: Settings, wrk: str, paced_per_s: float
+) -> tuple[WrkResult, paced.PacedLoad]:
     """The do-nothing server, on as many processes as ``serve``, loaded like it."""
     server = await _start_server(settings, settings.redis_url, CEILING)
     try:
-        url = f"{server.base}/v1/feedback/ceiling/stats"
-        await _wrk(wrk, url, WRK_WARMUP_S)
-        return await _wrk(wrk, url, WRK_DURATION_S)
+        path = "/v1/feedback/ceiling/stats"
+        await _wrk(wrk, server.base + path, WRK_WARMUP_S)
+        result = await _wrk(wrk, server.base + path, WRK_DURATION_S)
+        return result, await _paced(server, path, paced_per_s)
     finally:
         await _stop_server(server)
 
@@ -422,9 +447,13 @@ async def run() -> None:
 
         _, u99_big, _ = await _measure(uncached_big)
 
-        cached_http = await _http_phase(settings, True, insight_id, expected.total_ratings, wrk)
-        uncached_http = await _http_phase(settings, False, insight_id, expected.total_ratings, wrk)
-        ceiling_http = await _ceiling_phase(settings, wrk)
+        total = expected.total_ratings
+        cached_http, cached_paced = await _http_phase(settings, True, insight_id, total, wrk)
+        uncached_http, _ = await _http_phase(settings, False, insight_id, total, wrk)
+        assert cached_paced is not None
+        ceiling_http, ceiling_paced = await _ceiling_phase(
+            settings, wrk, cached_paced.offered_per_s
+        )
     finally:
         with contextlib.suppress(Exception):
             await cache.redis.delete(key, version_key(key))
@@ -448,3 +477,12 @@ async def run() -> None:
     report(SCENARIO, "uncached_http_p50_ms", uncached_http.p50_ms)
     report(SCENARIO, "uncached_http_p99_ms", uncached_http.p99_ms)
     report(SCENARIO, "uncached_http_req_per_s", uncached_http.requests_per_s)
+    rate = f"{cached_paced.offered_per_s:.0f}_req_per_s"
+    for name in ("p50_ms", "p99_ms", "max_ms"):
+        report(
+            SCENARIO,
+            f"cached_http_paced_{name}",
+            getattr(cached_paced, name),
+            f"empty_server_paced_at_{rate}",
+            getattr(ceiling_paced, name),
+        )

@@ -1,0 +1,52 @@
+"""``bench.paced``: requests go out on schedule whatever the answers, and a stalled
+server is charged for every request due during the stall (no coordinated omission)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from bench import paced
+
+STALL_S = 0.2
+
+
+async def _server(stall_on: int) -> tuple[asyncio.Server, list[float]]:
+    """Answers each request 204 at once, except request ``stall_on``: after STALL_S."""
+    arrivals: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.readuntil(b"\r\n\r\n"):
+            arrivals.append(loop.time())
+            if len(arrivals) == stall_on:
+                await asyncio.sleep(STALL_S)
+            writer.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, arrivals
+
+
+async def test_a_stall_is_charged_to_every_request_due_during_it() -> None:
+    server, arrivals = await _server(stall_on=50)
+    port = server.sockets[0].getsockname()[1]
+    rate, count = 500.0, 300  # one request every 2 ms, for 0.6 s
+    async with server:
+        load = await paced.offer("127.0.0.1", port, [paced.get("/")] * count, rate, 1)
+    assert (load.sent, load.ok, load.failed) == (count, count, 0)
+    # One connection: the ~100 requests due during the stall waited for it, each charged
+    # from its due time. A closed-loop client would report one slow request, not 100.
+    assert load.max_ms >= STALL_S * 1000 * 0.9
+    assert load.p50_ms < 50 < STALL_S * 1000 * 0.4 < load.p99_ms, load
+    # Sent on schedule otherwise: the whole offer took about count / rate, plus the stall.
+    assert arrivals[-1] - arrivals[0] < count / rate + STALL_S + 0.2
+
+
+async def test_requests_go_out_at_the_rate_asked() -> None:
+    server, arrivals = await _server(stall_on=0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        load = await paced.offer("127.0.0.1", port, [paced.get("/")] * 200, 400.0, 4)
+    assert load.ok == 200 and load.p99_ms < 50
+    spread_s = arrivals[-1] - arrivals[0]
+    assert 199 / 400 * 0.9 < spread_s < 199 / 400 + 0.1, spread_s
