@@ -70,12 +70,15 @@ async def test_a_worker_killed_mid_backup_is_taken_over_by_the_next_delivery(
     second = await _start_worker(env)
     try:
         await publish(pubsub, "maintenance", [request])  # the next delivery of the run
-        done = await wait_for(
-            partial(runs.read, run),
-            lambda r: r is not None and r.status == "succeeded",
-            timeout_s=60,
-            what="the taken-over run",
-        )
+        try:
+            done = await wait_for(
+                partial(runs.read, run),
+                lambda r: r is not None and r.status == "succeeded",
+                timeout_s=60,
+                what="the taken-over run",
+            )
+        except AssertionError as timeout:
+            raise AssertionError(f"{timeout}\nits worker's log:\n{second.log()}") from None
     finally:
         second.process.kill()
         await second.wait(10)

@@ -13,7 +13,9 @@ import atexit
 import contextlib
 import json
 import os
+import random
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -71,6 +73,41 @@ def gone(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return True
     return state in ("Z", "X")
+
+
+def listeners(port: int) -> dict[int, str]:
+    """The processes holding a socket that listens on TCP ``port`` (IPv4 or IPv6):
+    pid -> command line. Read from /proc, so it proves what a connect cannot (a
+    connect may reach another process that took the port, or the client itself)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local, state, inode = fields[1], fields[3], fields[9]
+                if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:  # LISTEN
+                    inodes.add(f"socket:[{inode}]")
+    holders: dict[int, str] = {}
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        with contextlib.suppress(OSError):
+            if any(os.readlink(fd) in inodes for fd in fd_dir.iterdir()):
+                cmdline = (fd_dir.parent / "cmdline").read_bytes().replace(b"\0", b" ")
+                holders[int(fd_dir.parent.name)] = cmdline.decode(errors="replace").strip()
+    return holders
+
+
+def unshared_port() -> int:
+    """A free loopback port below the ephemeral range: no outgoing connection and no
+    ``bind(0)`` of another test gets it while a test watches it."""
+    low, _ = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    for port in random.sample(range(20000, min(low, 32768)), 200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 async def wait_gone(pids: list[int], timeout_s: float = 10) -> None:

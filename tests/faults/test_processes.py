@@ -17,7 +17,15 @@ import httpx
 import pytest
 
 from tests.faults.postgres import PostgresCluster, free_port
-from tests.faults.processes import Processes, WorkerProcess, gone, wait_gone, worker_environment
+from tests.faults.processes import (
+    Processes,
+    WorkerProcess,
+    gone,
+    listeners,
+    unshared_port,
+    wait_gone,
+    worker_environment,
+)
 from tests.support.factories import metric_payload
 from tests.support.push import envelope
 from worker.config import Settings
@@ -144,13 +152,15 @@ async def test_sigterm_drains_every_process_and_exits_0(
 async def test_a_killed_supervisor_takes_its_processes_and_the_port_with_it(
     fault_settings: Settings, processes: Processes
 ) -> None:
-    port = free_port()
+    # Below the ephemeral range: no other test's server and no outgoing connection
+    # takes the port once it is free, so whatever listens there would be ours.
+    port = unshared_port()
     server = await serve_processes(processes, fault_settings, port)
     pids = list(server.served_by().values())
+    assert listeners(port), "serving, yet nobody listens?"
     assert await server.kill() == SIGKILLED
     await wait_gone(pids, timeout_s=5)
-    # Nobody listens there any more. (Binding it is no proof: once free, the port may
-    # be any outgoing connection's local port meanwhile.)
+    assert listeners(port) == {}  # no process holds the listening socket any more
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 

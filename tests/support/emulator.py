@@ -191,15 +191,19 @@ async def wait_for(
     interval_s: float = 0.05,
     what: str = "condition",
 ) -> T:
-    """Call ``probe`` until ``done`` holds for its value; that value. Fails on timeout."""
+    """Call ``probe`` until ``done`` holds for its value; that value. Fails on timeout:
+    only on a probe that began after the deadline, so that the failing value is the
+    state at the deadline, not one read before a stall of this process (a cold disk,
+    a paused machine) that outlasted it."""
     deadline = time.monotonic() + timeout_s
     while True:
+        began = time.monotonic()
         value = await probe()
         if done(value):
             return value
-        if time.monotonic() >= deadline:
+        if began >= deadline:
             raise AssertionError(f"{what} not reached within {timeout_s}s; last value: {value!r}")
-        await asyncio.sleep(interval_s)
+        await asyncio.sleep(min(interval_s, max(0.0, deadline - time.monotonic())))
 
 
 def json_log_entries(lines: Sequence[str]) -> list[dict[str, Any]]:
