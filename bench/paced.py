@@ -21,6 +21,7 @@ import gc
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 HEADER_END = b"\r\n\r\n"
 
@@ -46,8 +47,8 @@ class _Connection(asyncio.Protocol):
         self.due = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, but act as one.
+        self.transport = cast(asyncio.Transport, transport)
 
     def send(self, request: bytes, due: float) -> None:
         assert self.transport is not None

@@ -4,6 +4,7 @@ server is charged for every request due during the stall (no coordinated omissio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from bench import paced
 
@@ -16,12 +17,16 @@ async def _server(stall_on: int) -> tuple[asyncio.Server, list[float]]:
     loop = asyncio.get_running_loop()
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while await reader.readuntil(b"\r\n\r\n"):
-            arrivals.append(loop.time())
-            if len(arrivals) == stall_on:
-                await asyncio.sleep(STALL_S)
-            writer.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
-            await writer.drain()
+        try:
+            with contextlib.suppress(asyncio.IncompleteReadError):  # the client closed
+                while await reader.readuntil(b"\r\n\r\n"):
+                    arrivals.append(loop.time())
+                    if len(arrivals) == stall_on:
+                        await asyncio.sleep(STALL_S)
+                    writer.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+                    await writer.drain()
+        finally:
+            writer.close()
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     return server, arrivals
