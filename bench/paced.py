@@ -8,10 +8,12 @@ stalls for 100 ms is charged for every request due meanwhile, as users would fee
 (no coordinated omission).
 
 Requests go over a pool of keep-alive connections, each carrying one request at a
-time; a request due while every connection is busy waits for one, and that wait is
-part of its latency. Responses are read by Content-Length (what uvicorn sends); a
-chunked response is an error here. The client is asyncio protocols over prepared
-bytes: a few tens of microseconds of CPU per request, on the cores it measures.
+time (the idle one that waited longest, so that none outlives the server's keep-alive
+timeout unused; one the server closes is replaced); a request due while every
+connection is busy waits for one, and that wait is part of its latency. Responses
+are read by Content-Length (what uvicorn sends); a chunked response is an error here.
+The client is asyncio protocols over prepared bytes: a few tens of microseconds of
+CPU per request, on the cores it measures.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import statistics
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -35,6 +38,9 @@ class PacedLoad:
     p50_ms: float
     p99_ms: float
     max_ms: float
+    timeline: tuple[tuple[float, float], ...] = ()
+    """(seconds from the start to the request's due time, its latency in ms), in the
+    order answered: where in the run the slow ones were."""
 
 
 class _Connection(asyncio.Protocol):
@@ -80,19 +86,33 @@ class _Connection(asyncio.Protocol):
 
 
 class _Pool:
-    def __init__(self) -> None:
+    """The connections: idle ones taken oldest first, so that none idles long enough
+    for the server's keep-alive timeout; one the server closed is replaced."""
+
+    def __init__(self, host: str, port: int, expected: int) -> None:
         self.loop = asyncio.get_running_loop()
-        self.idle: list[_Connection] = []
+        self.host, self.port = host, port
+        self.idle: deque[_Connection] = deque()
         self.busy: set[_Connection] = set()
         self.freed = asyncio.Event()
         self.latencies_s: list[float] = []
+        self.answered_due: list[float] = []
         self.failed = 0
+        self.expected = expected
         self.done = asyncio.Event()
-        self.expected = 0
+        self.reconnects: set[asyncio.Task[None]] = set()
+
+    async def connect(self) -> None:
+        _, protocol = await self.loop.create_connection(
+            lambda: _Connection(self), self.host, self.port
+        )
+        self.idle.append(protocol)
+        self.freed.set()
 
     def answered(self, connection: _Connection, ok: bool) -> None:
         if ok:
             self.latencies_s.append(self.loop.time() - connection.due)
+            self.answered_due.append(connection.due)
         else:
             self.failed += 1
         self.busy.discard(connection)
@@ -101,37 +121,42 @@ class _Pool:
         self._maybe_done()
 
     def lost(self, connection: _Connection) -> None:
-        if connection in self.busy:
+        if connection in self.busy:  # its request will never be answered
             self.busy.discard(connection)
             self.failed += 1
             self._maybe_done()
         elif connection in self.idle:
             self.idle.remove(connection)
+        if not self.done.is_set():
+            task = self.loop.create_task(self.connect())
+            self.reconnects.add(task)
+            task.add_done_callback(self.reconnects.discard)
 
     def _maybe_done(self) -> None:
         if len(self.latencies_s) + self.failed >= self.expected:
             self.done.set()
 
     async def take(self) -> _Connection:
-        while not self.idle:
-            if not self.busy:
-                raise RuntimeError("paced client: every connection was closed")
-            self.freed.clear()
-            await self.freed.wait()
-        connection = self.idle.pop()
-        self.busy.add(connection)
-        return connection
+        while True:
+            while not self.idle:
+                if not self.busy and not self.reconnects:
+                    raise RuntimeError("paced client: every connection was closed")
+                self.freed.clear()
+                await self.freed.wait()
+            connection = self.idle.popleft()
+            # Closed by the server, its connection_lost not yet run: it goes then.
+            if connection.transport is not None and not connection.transport.is_closing():
+                self.busy.add(connection)
+                return connection
 
 
 async def offer(
     host: str, port: int, requests: Sequence[bytes], rate_per_s: float, connections: int
 ) -> PacedLoad:
     """Send ``requests`` (complete HTTP/1.1 requests) at ``rate_per_s``; their latencies."""
-    pool = _Pool()
-    pool.expected = len(requests)
+    pool = _Pool(host, port, len(requests))
     for _ in range(connections):
-        _, protocol = await pool.loop.create_connection(lambda: _Connection(pool), host, port)
-        pool.idle.append(protocol)
+        await pool.connect()
     gc.collect()
     gc.disable()  # a collection would stall sends and charge the server for it
     try:
@@ -142,10 +167,15 @@ async def offer(
             ahead_s = due - pool.loop.time()
             if ahead_s > 0.001:  # the loop's timers are not finer; sooner ones go now
                 await asyncio.sleep(ahead_s)
-            (await pool.take()).send(request, due)
+            connection = await pool.take()
+            # Sent up to a timer tick early: then its latency counts from the send.
+            connection.send(request, max(due, pool.loop.time()))
         await asyncio.wait_for(pool.done.wait(), 30)
     finally:
         gc.enable()
+        pool.done.set()  # no reconnect from here on
+        for task in list(pool.reconnects):
+            task.cancel()
         for connection in [*pool.idle, *pool.busy]:
             if connection.transport is not None:
                 connection.transport.close()
@@ -159,6 +189,10 @@ async def offer(
         p50_ms=cuts[49],
         p99_ms=cuts[98],
         max_ms=latencies_ms[-1] if latencies_ms else 0.0,
+        timeline=tuple(
+            (due - start, latency * 1000)
+            for due, latency in zip(pool.answered_due, pool.latencies_s, strict=True)
+        ),
     )
 
 
