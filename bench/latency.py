@@ -17,14 +17,13 @@ running ``worker run --only metrics`` (one process). Figures:
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 from pathlib import Path
 
 from bench.common import asyncpg_dsn, fresh_database, report
 from bench.stack import bench_settings, fresh_topology, start_worker, stop_process
 from bench.stages import read_stages
-from bench.steady import latencies_ms, pull_floor_ms
+from bench.steady import latencies_ms, percentile, pull_floor_ms
 from handlers import registry
 from worker.sources.settings import PullSettings
 from worker.telemetry import STAGES
@@ -34,10 +33,6 @@ TOPIC = "metrics"
 RATE_PER_S = 1000
 FLOOR_S = 10
 DURATION_S = 30
-
-
-def _quantile(sorted_ms: list[float], percent: int) -> float:
-    return statistics.quantiles(sorted_ms, n=100)[percent - 1]
 
 
 async def run() -> None:
@@ -64,9 +59,9 @@ async def run() -> None:
         report(
             SCENARIO,
             f"p{percent}_ms",
-            _quantile(latencies, percent),
+            percentile(latencies, percent),
             f"pull_floor_p{percent}_ms",
-            _quantile(floor, percent),
+            percentile(floor, percent),
         )
     for stage in STAGES:
         if stage in stages:

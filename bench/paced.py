@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 
+from bench.common import report
+
 HEADER_END = b"\r\n\r\n"
 
 
@@ -196,6 +198,14 @@ async def offer(
             for due, latency in zip(pool.answered_due, pool.latencies_s, strict=True)
         ),
     )
+
+
+def report_against(scenario: str, prefix: str, load: PacedLoad, baseline: PacedLoad) -> None:
+    """``{prefix}_p50_ms``, ``_p99_ms`` and ``_max_ms`` of ``load``, each against the same
+    figure of ``baseline`` (the do-nothing server offered the same rate)."""
+    rate = f"empty_server_paced_at_{load.offered_per_s:.0f}_req_per_s"
+    for name in ("p50_ms", "p99_ms", "max_ms"):
+        report(scenario, f"{prefix}_{name}", getattr(load, name), rate, getattr(baseline, name))
 
 
 def post(path: str, body: bytes, host: str = "127.0.0.1") -> bytes:

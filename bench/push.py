@@ -53,7 +53,6 @@ DURATION_S = 20
 WARMUP_S = 2
 PACED_S = 15
 PACED_SHARE = 0.5  # of the saturation rate
-PACED_CONNECTIONS = 64
 CONNECTIONS = 64
 CLIENT_THREADS = 2
 # '{  "event_id":"' (15) + 'tttttttt-0000-4000-8000-' (24): the counter starts at 39.
@@ -313,7 +312,7 @@ async def _measure(
             requests = _paced_requests(
                 settings.google_cloud_project, next(_SERIES) * 10**13, int(rate * PACED_S)
             )
-            fixed = await paced.offer("127.0.0.1", port, requests, rate, PACED_CONNECTIONS)
+            fixed = await paced.offer("127.0.0.1", port, requests, rate, CONNECTIONS)
     finally:
         await asyncio.to_thread(stop_process, process)
     answered = load.ok + (fixed.ok if fixed else 0)
@@ -353,12 +352,4 @@ async def run() -> None:
     report("push", "req_per_s_1_process", push_1.per_s, "empty_server_1_process", ceiling_1.per_s)
     report("push", "p99_ms", push.p99_ms)
     report("push", "p99_ms_1_process", push_1.p99_ms)
-    rate = f"{push_paced.offered_per_s:.0f}_req_per_s"
-    for name in ("p50_ms", "p99_ms", "max_ms"):
-        report(
-            "push",
-            f"paced_{name}",
-            getattr(push_paced, name),
-            f"empty_server_paced_at_{rate}",
-            getattr(ceiling_paced, name),
-        )
+    paced.report_against("push", "paced", push_paced, ceiling_paced)

@@ -477,12 +477,4 @@ async def run() -> None:
     report(SCENARIO, "uncached_http_p50_ms", uncached_http.p50_ms)
     report(SCENARIO, "uncached_http_p99_ms", uncached_http.p99_ms)
     report(SCENARIO, "uncached_http_req_per_s", uncached_http.requests_per_s)
-    rate = f"{cached_paced.offered_per_s:.0f}_req_per_s"
-    for name in ("p50_ms", "p99_ms", "max_ms"):
-        report(
-            SCENARIO,
-            f"cached_http_paced_{name}",
-            getattr(cached_paced, name),
-            f"empty_server_paced_at_{rate}",
-            getattr(ceiling_paced, name),
-        )
+    paced.report_against(SCENARIO, "cached_http_paced", cached_paced, ceiling_paced)

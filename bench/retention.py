@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import statistics
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
@@ -46,7 +45,7 @@ from bench.backup import WorkerRun, run_worker
 from bench.common import _as_admin, asyncpg_dsn, fresh_database, report
 from bench.retention_data import ARCHIVED_ROWS, WINDOW_DAYS, Layout, say, seed
 from bench.stack import bench_settings, fresh_topology, start_worker, stop_process
-from bench.steady import latencies_ms
+from bench.steady import latencies_ms, percentile
 from handlers.retention.sweep import COPY_OPTIONS
 from handlers.retention.tables import METRICS
 from handlers.retention.task import RUN_LOCK
@@ -195,10 +194,6 @@ async def ingest_p99s(settings: Settings, archive: Path) -> tuple[list[float], l
     return idle, during
 
 
-def _quantile(latencies: list[float], percent: int) -> float:
-    return statistics.quantiles(latencies, n=100)[percent - 1]
-
-
 async def run() -> None:
     settings = await fresh_database(DATABASE)
     layout = Layout(datetime.now(UTC))
@@ -213,15 +208,15 @@ async def run() -> None:
         idle, during = await ingest_p99s(settings, Path(directory) / "archive-2")
     for name, latencies in (("without retention", idle), ("during retention", during)):
         say(
-            f"ingestion {name}: p50 {_quantile(latencies, 50):.1f}, p99 "
-            f"{_quantile(latencies, 99):.1f}, max {latencies[-1]:.1f} ms"
+            f"ingestion {name}: p50 {percentile(latencies, 50):.1f}, p99 "
+            f"{percentile(latencies, 99):.1f}, max {latencies[-1]:.1f} ms"
         )
     for percent in (50, 99):
         without = f"p{percent}_ms_without_retention"
         report(
             SCENARIO,
             f"p{percent}_ms",
-            _quantile(during, percent),
+            percentile(during, percent),
             without,
-            _quantile(idle, percent),
+            percentile(idle, percent),
         )
