@@ -26,9 +26,11 @@ def event_key(event: BaseModel) -> bytes:
     Equal events have equal keys, so a duplicate never wins against itself and the
     outcome never depends on arrival order.
     """
-    # default=str: a UUID subclass (asyncpg's, from a row read back) gives the same text
-    # as uuid.UUID, which orjson only serialises for the exact type.
-    encoded = orjson.dumps(event.model_dump(), option=orjson.OPT_SORT_KEYS, default=str)
+    # The field values as they are: the payload models are flat (scalars only), so
+    # this is model_dump()'s dict without its copy, computed for every event of a
+    # batch. default=str: a UUID subclass (asyncpg's, from a row read back) gives the
+    # same text as uuid.UUID, which orjson only serialises for the exact type.
+    encoded = orjson.dumps(vars(event), option=orjson.OPT_SORT_KEYS, default=str)
     return hashlib.sha256(encoded).digest()
 
 
@@ -58,8 +60,8 @@ class EventHandler(Generic[E]):
 
     def parse(self, payload: dict[str, Any], published_at: datetime) -> E:
         event = validate(self.model, payload)
-        occurred_at = cast(_Occurred, event).occurred_at
-        refuse_expired(occurred_at, self.max_age, "occurred_at", self.table)
+        if cast(_Occurred, event).occurred_at < datetime.now(UTC) - self.max_age:
+            raise _expired("occurred_at", self.max_age, self.table)
         return event
 
     async def apply(self, engine: AsyncEngine, items: Sequence[E]) -> BatchOutcome:
@@ -67,12 +69,8 @@ class EventHandler(Generic[E]):
             return await self.write(conn, items)
 
 
-def refuse_expired(moment: datetime, max_age: timedelta, field: str, table: str) -> None:
-    """Raise ``ExpiredError`` if ``moment`` is older than ``table``'s retention window."""
-    if moment < datetime.now(UTC) - max_age:
-        raise ExpiredError(
-            f"{field}: older than the {max_age.days}-day retention window of {table}"
-        )
+def _expired(field: str, max_age: timedelta, table: str) -> ExpiredError:
+    return ExpiredError(f"{field}: older than the {max_age.days}-day retention window of {table}")
 
 
 def validate(model: type[M], payload: Any) -> M:

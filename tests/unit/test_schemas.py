@@ -11,6 +11,7 @@ import uuid
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import orjson
 import pydantic
 import pytest
 from asyncpg.pgproto import pgproto
@@ -559,6 +560,42 @@ def test_event_key_is_the_hash_of_the_canonical_event() -> None:
         b'"user_id":"user_456"}'
     )
     assert event_key(event) == hashlib.sha256(canonical).digest()
+
+
+@pytest.mark.parametrize(
+    ("model", "payload"),
+    [
+        (BackfillProgressEvent, backfill_payload()),
+        (
+            BackfillProgressEvent,
+            with_(
+                backfill_payload(),
+                status="failed",
+                error_message="node went away",
+                estimated_completion="2026-11-22T01:02:03.456789-05:30",
+                created_by="ops",
+            ),
+        ),
+        (FeedbackEvent, feedback_payload()),
+        (
+            FeedbackEvent,
+            with_(
+                feedback_payload(),
+                flag_type="spam",
+                flag_reason="ads",
+                event_id="0b8c6a4e-8a3f-4f4b-b0f4-3f1d2a9e7c11",
+            ),
+        ),
+    ],
+)
+def test_event_key_reads_the_fields_as_model_dump_gives_them(
+    model: type[BaseModel], payload: dict[str, Any]
+) -> None:
+    # event_key reads the instance's own field values (no copy): the same bytes as
+    # the definition over model_dump(), as long as the payload models stay flat.
+    event = model.model_validate(payload)
+    dumped = orjson.dumps(event.model_dump(), option=orjson.OPT_SORT_KEYS, default=str)
+    assert event_key(event) == hashlib.sha256(dumped).digest()
 
 
 def test_event_key_of_a_uuid_read_back_from_the_database() -> None:
