@@ -46,3 +46,20 @@ def instrument_app(app: Any, telemetry: Telemetry) -> None:
         meter_provider=telemetry.meter_provider,
         excluded_urls=EXCLUDED_URLS,
     )
+
+
+def instrument_route(app: Any, method: str, route: str, telemetry: Telemetry) -> Any:
+    """``app`` (an ASGI app serving one route outside FastAPI's stack) with the server
+    span and ``http.server`` metrics ``instrument_app`` gives the app's own routes: the
+    same ASGI middleware, named after the route (its scope is the ASGI
+    instrumentation's rather than FastAPI's)."""
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+    from opentelemetry.semconv.attributes.http_attributes import HTTP_ROUTE
+
+    span_name, attributes = f"{method} {route}", {HTTP_ROUTE: route}
+    return OpenTelemetryMiddleware(
+        app,
+        default_span_details=lambda scope: (span_name, attributes),
+        tracer_provider=telemetry.tracer_provider,
+        meter_provider=telemetry.meter_provider,
+    )

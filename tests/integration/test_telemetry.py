@@ -170,9 +170,18 @@ async def test_read_requests_make_server_spans_and_probes_none(
                 transport = httpx.ASGITransport(app=app)
                 async with httpx.AsyncClient(transport=transport, base_url="http://w") as client:
                     assert (await client.get("/v1/feedback/insight-1/stats")).status_code == 200
+                    assert (await client.get("/v1/backfill-jobs")).status_code == 200
                     assert (await client.get("/healthz")).status_code == 200
         finally:
             await services.close()
 
-    names = {s.name for s in recorded.spans.get_finished_spans() if s.kind == SpanKind.SERVER}
-    assert names == {"GET /v1/feedback/{insight_id}/stats"}
+    # The stats read is served outside FastAPI's stack (worker.http.stats_read), the job
+    # list inside it: both make the same kind of span and metric.
+    server_spans = [s for s in recorded.spans.get_finished_spans() if s.kind == SpanKind.SERVER]
+    routes = {s.name: (s.attributes or {}).get("http.route") for s in server_spans}
+    assert routes == {
+        "GET /v1/feedback/{insight_id}/stats": "/v1/feedback/{insight_id}/stats",
+        "GET /v1/backfill-jobs": "/v1/backfill-jobs",
+    }
+    timed = {a.get("http.target") for a, _ in recorded.points("http.server.duration")}
+    assert timed == {"/v1/feedback/{insight_id}/stats", "/v1/backfill-jobs"}

@@ -133,12 +133,14 @@ async def app_client(
     """The app started (lifespan entered) in this loop; a client bound to it in-process.
 
     ``services`` are closed on exit; ``verifier=None`` turns push auth off.
-    ``fastapi_route``: pushes go to the FastAPI route that documents ``/push/{topic}``
-    instead of the ASGI-level endpoint that serves it (both must answer alike).
+    ``fastapi_route``: pushes and stats reads go to the FastAPI routes that document
+    ``/push/{topic}`` and ``/v1/feedback/{insight_id}/stats`` instead of the ASGI-level
+    apps that serve them (both must answer alike).
     """
     app = create_app(services or (lambda: Services.create(settings, REGISTRY)), verifier)
     if fastapi_route:
         app.push_endpoint = None
+        app.stats_read = None
     try:
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from worker.config import Settings
 from worker.http import errors, read_routes
@@ -18,7 +18,9 @@ from worker.http.health import readiness
 from worker.http.oidc import PushVerifier
 from worker.http.push_endpoint import PushEndpoint, answer, push_topic, read_capped
 from worker.http.services import Services, services, services_of
-from worker.instrumentation import instrument_app
+from worker.http.stats_read import ROUTE as STATS_ROUTE
+from worker.http.stats_read import StatsRead, stats_insight_id
+from worker.instrumentation import instrument_app, instrument_route
 from worker.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -53,18 +55,21 @@ async def _warn_push_auth_disabled() -> None:
 
 
 class WorkerApp(FastAPI):
-    """The FastAPI app, with push requests answered before Starlette's stack
-    (see ``worker.http.push_endpoint``)."""
+    """The FastAPI app, with push requests and stats reads answered before Starlette's
+    stack (see ``worker.http.push_endpoint`` and ``worker.http.stats_read``)."""
 
     push_endpoint: PushEndpoint | None = None
+    stats_read: ASGIApp | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         endpoint = self.push_endpoint
         topic = None if endpoint is None else push_topic(scope)
-        if endpoint is None or topic is None:
+        if endpoint is not None and topic is not None:
+            await endpoint(topic, scope, receive, send)
+        elif self.stats_read is not None and stats_insight_id(scope) is not None:
+            await self.stats_read(scope, receive, send)
+        else:
             await super().__call__(scope, receive, send)
-            return
-        await endpoint(topic, scope, receive, send)
 
 
 def create_app(
@@ -105,8 +110,13 @@ def create_app(
     _add_health_routes(app)
     app.include_router(read_routes.router)
     app.push_endpoint = PushEndpoint(lambda: services_of(app).push, verifier)
+    stats_route = next(
+        r for r in read_routes.router.routes if getattr(r, "path", "") == STATS_ROUTE
+    )
+    app.stats_read = StatsRead(lambda: services_of(app).reads, stats_route)
     if telemetry is not None and telemetry.exporting:
         instrument_app(app, telemetry)
+        app.stats_read = instrument_route(app.stats_read, "GET", STATS_ROUTE, telemetry)
     return app
 
 

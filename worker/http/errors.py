@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -66,9 +67,28 @@ async def unavailable(request: Request, error: Exception) -> JSONResponse:
     )
 
 
+Handler = Callable[[Request, Exception], Awaitable[JSONResponse]]
+
+HANDLERS: tuple[tuple[type[Exception], Handler], ...] = (
+    (NotFoundError, not_found),
+    (RequestValidationError, unprocessable),
+    (ValidationError, invalid),
+    (WorkerError, unavailable),
+)
+"""Each error's answer; a subclass before its base, so that the first match is the
+one Starlette's lookup (the most specific class) picks."""
+
+
 def install(app: FastAPI) -> None:
-    """Register the handlers (the most specific error first wins in Starlette's lookup)."""
-    app.add_exception_handler(NotFoundError, not_found)
-    app.add_exception_handler(RequestValidationError, unprocessable)
-    app.add_exception_handler(ValidationError, invalid)
-    app.add_exception_handler(WorkerError, unavailable)
+    """Register the handlers with the app."""
+    for kind, handler in HANDLERS:
+        app.add_exception_handler(kind, handler)
+
+
+async def respond(request: Request, error: WorkerError) -> JSONResponse:
+    """The answer the app gives ``error`` (for a route served outside the app's stack:
+    ``worker.http.stats_read``)."""
+    for kind, handler in HANDLERS:
+        if isinstance(error, kind):
+            return await handler(request, error)
+    raise AssertionError("WorkerError has a handler")
