@@ -8,6 +8,12 @@ drained by ``utxoiq-worker run --only TOPIC``, its process's user + system time
 baseline, in the same round: the bare pull-and-ack loop's own CPU per message over
 the same backlog, in this process (``time.process_time``), which is the least any
 consumer on this client pays. Figures are medians of ``ROUNDS`` interleaved rounds.
+
+The whole process's figure moves with the machine (the emulator, PostgreSQL and gRPC
+share its cores). A steadier one for the handlers' own Python: each topic's decode and
+``parse`` of the same payloads in this process, best of ``PASSES`` passes over
+``PARSED`` payloads, against ``orjson.loads`` of them alone (the least a consumer of
+JSON pays).
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ import statistics
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
+
+import orjson
 
 from bench.common import fresh_database, report, scratch_settings
 from bench.drain import feedback_payloads, metric_payloads, raw_pull_ceiling, warm_up_emulator
@@ -28,7 +37,10 @@ from bench.stack import (
     stop_process,
     wait_for_rows,
 )
+from handlers.feedback import FeedbackHandler
+from handlers.metrics import MetricsHandler
 from worker.config import Settings
+from worker.pipeline.decoding import decode_json_object
 from worker.pubsub.client import PubSub
 from worker.sources.settings import PullSettings
 
@@ -72,6 +84,42 @@ async def _bare_loop_us(pubsub: PubSub, topic: str, pullers: int) -> float:
     return (time.process_time() - before) / count * 1e6
 
 
+PARSED = 20_000
+PASSES = 5
+
+
+def _parse_us(topic: str) -> tuple[float, float]:
+    """(decode + ``parse``, ``orjson.loads`` alone) in µs per payload of ``topic``."""
+    count, payloads, _ = TOPICS[topic]
+    data = payloads(min(count, PARSED), "parse")
+    handler = PARSERS[topic]()
+    published_at = datetime.now(UTC)
+
+    def parse_all() -> None:
+        for item in data:
+            handler.parse(decode_json_object(item), published_at)
+
+    def loads_all() -> None:
+        for item in data:
+            orjson.loads(item)
+
+    def best_us(work: Callable[[], None]) -> float:
+        spent = []
+        for _ in range(PASSES):
+            before = time.process_time()
+            work()
+            spent.append(time.process_time() - before)
+        return min(spent) / len(data) * 1e6
+
+    return best_us(parse_all), best_us(loads_all)
+
+
+PARSERS: dict[str, Callable[[], MetricsHandler | FeedbackHandler]] = {
+    "metrics": MetricsHandler,
+    "feedback": FeedbackHandler,
+}
+
+
 async def run() -> None:
     settings = bench_settings(scratch_settings(DATABASE))
     pubsub = await fresh_topology(settings)
@@ -91,5 +139,7 @@ async def run() -> None:
                 statistics.median(bare),
                 rounds=list(zip(workers, bare, strict=True)),
             )
+            parse_us, loads_us = _parse_us(topic)
+            report("cpu", f"parse_us_per_{topic}_message", parse_us, "orjson_loads", loads_us)
     finally:
         await pubsub.close()
