@@ -110,3 +110,8 @@ async def median_rate(
         await body()
         rates.append(count / (time.perf_counter() - started))
     return statistics.median(rates)
+
+
+def percentile(values: Sequence[float], percent: int) -> float:
+    """The ``percent`` percentile of ``values`` (at least two of them)."""
+    return statistics.quantiles(values, n=100)[percent - 1]

@@ -24,6 +24,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 import orjson
 
@@ -48,9 +49,20 @@ METRICS = 60_000
 FEEDBACK = 30_000
 ROUNDS = 3
 DATABASE = "utxoiq_bench_cpu"
-TOPICS: dict[str, tuple[int, Callable[[int, str], list[bytes]], str]] = {
-    "metrics": (METRICS, metric_payloads, "system_metrics"),
-    "feedback": (FEEDBACK, feedback_payloads, "insight_feedback"),
+
+
+class _Drained(NamedTuple):
+    """A topic as this scenario drains and parses it."""
+
+    messages: int
+    payloads: Callable[[int, str], list[bytes]]
+    table: str
+    handler: Callable[[], MetricsHandler | FeedbackHandler]
+
+
+TOPICS: dict[str, _Drained] = {
+    "metrics": _Drained(METRICS, metric_payloads, "system_metrics", MetricsHandler),
+    "feedback": _Drained(FEEDBACK, feedback_payloads, "insight_feedback", FeedbackHandler),
 }
 
 
@@ -63,7 +75,7 @@ def cpu_s(pid: int) -> float:
 
 
 async def _worker_us(settings: Settings, pubsub: PubSub, topic: str) -> float:
-    count, payloads, table = TOPICS[topic]
+    count, payloads, table, _ = TOPICS[topic]
     await fresh_database(DATABASE)
     await publish_all(pubsub, topic, payloads(count, uuid.uuid4().hex[:6]))
     worker = start_worker(settings, "--only", topic)
@@ -77,7 +89,7 @@ async def _worker_us(settings: Settings, pubsub: PubSub, topic: str) -> float:
 
 
 async def _bare_loop_us(pubsub: PubSub, topic: str, pullers: int) -> float:
-    count, payloads, _ = TOPICS[topic]
+    count, payloads, _, _ = TOPICS[topic]
     await publish_all(pubsub, topic, payloads(count, "bare"))
     before = time.process_time()
     await raw_pull_ceiling(pubsub, f"{topic}-worker", count, pullers)
@@ -90,9 +102,9 @@ PASSES = 5
 
 def _parse_us(topic: str) -> tuple[float, float]:
     """(decode + ``parse``, ``orjson.loads`` alone) in µs per payload of ``topic``."""
-    count, payloads, _ = TOPICS[topic]
-    data = payloads(min(count, PARSED), "parse")
-    handler = PARSERS[topic]()
+    drained = TOPICS[topic]
+    data = drained.payloads(min(drained.messages, PARSED), "parse")
+    handler = drained.handler()
     published_at = datetime.now(UTC)
 
     def parse_all() -> None:
@@ -112,12 +124,6 @@ def _parse_us(topic: str) -> tuple[float, float]:
         return min(spent) / len(data) * 1e6
 
     return best_us(parse_all), best_us(loads_all)
-
-
-PARSERS: dict[str, Callable[[], MetricsHandler | FeedbackHandler]] = {
-    "metrics": MetricsHandler,
-    "feedback": FeedbackHandler,
-}
 
 
 async def run() -> None:

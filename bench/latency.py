@@ -20,10 +20,10 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from bench.common import asyncpg_dsn, fresh_database, report
+from bench.common import asyncpg_dsn, fresh_database, percentile, report
 from bench.stack import bench_settings, fresh_topology, start_worker, stop_process
 from bench.stages import read_stages
-from bench.steady import latencies_ms, percentile, pull_floor_ms
+from bench.steady import latencies_ms, pull_floor_ms
 from handlers import registry
 from worker.sources.settings import PullSettings
 from worker.telemetry import STAGES

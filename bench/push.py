@@ -30,7 +30,6 @@ import multiprocessing
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,7 +43,7 @@ from pathlib import Path
 import asyncpg
 
 from bench import paced
-from bench.common import asyncpg_dsn, fresh_database, report
+from bench.common import asyncpg_dsn, fresh_database, percentile, report
 from bench.stack import bench_settings, fresh_topology, stop_process
 from worker.config import Settings
 from worker.supervisor import cpu_quota
@@ -229,13 +228,12 @@ def _httpx(url: str, project: str, duration_s: int) -> Load:
     elapsed = time.monotonic() - started
     results = [json.loads(p) for p in parts]
     latencies = sorted(x for r in results for x in r["latencies"])
-    quantiles = statistics.quantiles(latencies, n=100)
     return Load(
         ok=len(latencies),
         failed=sum(r["failed"] for r in results),
         duration_s=min(elapsed, duration_s),
-        p50_ms=quantiles[49] * 1000,
-        p99_ms=quantiles[98] * 1000,
+        p50_ms=percentile(latencies, 50) * 1000,
+        p99_ms=percentile(latencies, 99) * 1000,
     )
 
 

@@ -34,7 +34,6 @@ import re
 import shutil
 import signal
 import socket
-import statistics
 import sys
 import time
 import urllib.error
@@ -49,7 +48,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bench import paced
-from bench.common import fresh_database, report
+from bench.common import fresh_database, percentile, report
 from schemas.cache_keys import stats_cache_key
 from schemas.feedback import FLAG_TYPES, FeedbackEvent, FeedbackStats
 from worker.config import Settings
@@ -109,11 +108,6 @@ class _CountingDatabase(DatabaseService):
         return await super().get_feedback_stats(insight_id)
 
 
-def _quantiles_ms(latencies_ms: list[float]) -> tuple[float, float]:
-    cuts = statistics.quantiles(latencies_ms, n=100)
-    return cuts[49], cuts[98]
-
-
 async def _hammer(call: Callable[[], Awaitable[object]], duration_s: float) -> list[float]:
     """READERS tasks calling ``call`` back to back for ``duration_s``; latencies in ms."""
     latencies: list[float] = []
@@ -137,8 +131,7 @@ async def _measure(call: Callable[[], Awaitable[object]]) -> tuple[float, float,
     started = time.perf_counter()
     latencies = await _hammer(call, IN_PROCESS_S)
     rate = len(latencies) / (time.perf_counter() - started)
-    p50, p99 = _quantiles_ms(latencies)
-    return p50, p99, rate
+    return percentile(latencies, 50), percentile(latencies, 99), rate
 
 
 # -- over HTTP -------------------------------------------------------------------------

@@ -42,10 +42,10 @@ from pathlib import Path
 import asyncpg
 
 from bench.backup import WorkerRun, run_worker
-from bench.common import _as_admin, asyncpg_dsn, fresh_database, report
+from bench.common import _as_admin, asyncpg_dsn, fresh_database, percentile, report
 from bench.retention_data import ARCHIVED_ROWS, WINDOW_DAYS, Layout, say, seed
 from bench.stack import bench_settings, fresh_topology, start_worker, stop_process
-from bench.steady import latencies_ms, percentile
+from bench.steady import latencies_ms
 from handlers.retention.sweep import COPY_OPTIONS
 from handlers.retention.tables import METRICS
 from handlers.retention.task import RUN_LOCK

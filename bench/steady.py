@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import statistics
 import time
 import uuid
 from datetime import UTC, datetime
@@ -38,11 +37,6 @@ def payload(event_id: uuid.UUID, n: int, now: datetime) -> bytes:
         "metadata": {"host": f"node-{n % 64}", "region": "us-central1", "pod": f"p-{n % 997}"},
     }
     return json.dumps(sample).encode()
-
-
-def percentile(latencies_ms: list[float], percent: int) -> float:
-    """The ``percent`` percentile of ``latencies_ms``."""
-    return statistics.quantiles(latencies_ms, n=100)[percent - 1]
 
 
 def offered(rate_per_s: int, duration_s: float) -> int:

@@ -61,7 +61,7 @@ class EventHandler(Generic[E]):
     def parse(self, payload: dict[str, Any], published_at: datetime) -> E:
         event = validate(self.model, payload)
         if cast(_Occurred, event).occurred_at < datetime.now(UTC) - self.max_age:
-            raise _expired("occurred_at", self.max_age, self.table)
+            raise expired("occurred_at", self.max_age, self.table)
         return event
 
     async def apply(self, engine: AsyncEngine, items: Sequence[E]) -> BatchOutcome:
@@ -69,7 +69,8 @@ class EventHandler(Generic[E]):
             return await self.write(conn, items)
 
 
-def _expired(field: str, max_age: timedelta, table: str) -> ExpiredError:
+def expired(field: str, max_age: timedelta, table: str) -> ExpiredError:
+    """The refusal of a value of ``field`` older than ``table``'s retention window."""
     return ExpiredError(f"{field}: older than the {max_age.days}-day retention window of {table}")
 
 

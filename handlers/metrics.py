@@ -20,7 +20,7 @@ from typing import Any, NamedTuple, cast
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from handlers.events import validate_fields
+from handlers.events import expired, validate_fields
 from handlers.metric_identity import derived_identity
 from handlers.metric_partitions import create_partitions, ensure_months_ahead
 from schemas.cache_keys import recent_cache_key
@@ -120,9 +120,7 @@ def _refused(path: str | None, index: int, field: str, problem: str) -> SchemaVi
 
 
 def _expired(path: str | None, index: int, field: str, max_age: timedelta | None) -> ExpiredError:
-    days = 0 if max_age is None else max_age.days
-    detail = f"older than the {days}-day retention window of system_metrics"
-    return ExpiredError(f"{_where(path, index, field)}: {detail}")
+    return expired(_where(path, index, field), max_age or timedelta(0), "system_metrics")
 
 
 def samples_message(samples: Iterable[MetricSample], published_at: datetime) -> MetricsMessage:

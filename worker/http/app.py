@@ -66,7 +66,8 @@ class WorkerApp(FastAPI):
         topic = None if endpoint is None else push_topic(scope)
         if endpoint is not None and topic is not None:
             await endpoint(topic, scope, receive, send)
-        elif self.stats_read is not None and stats_insight_id(scope) is not None:
+        elif self.stats_read is not None and (insight_id := stats_insight_id(scope)):
+            scope["path_params"] = {"insight_id": insight_id}  # as Starlette's router does
             await self.stats_read(scope, receive, send)
         else:
             await super().__call__(scope, receive, send)

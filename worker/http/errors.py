@@ -67,9 +67,9 @@ async def unavailable(request: Request, error: Exception) -> JSONResponse:
     )
 
 
-Handler = Callable[[Request, Exception], Awaitable[JSONResponse]]
+ErrorHandler = Callable[[Request, Exception], Awaitable[JSONResponse]]
 
-HANDLERS: tuple[tuple[type[Exception], Handler], ...] = (
+HANDLERS: tuple[tuple[type[Exception], ErrorHandler], ...] = (
     (NotFoundError, not_found),
     (RequestValidationError, unprocessable),
     (ValidationError, invalid),

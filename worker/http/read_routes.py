@@ -17,6 +17,8 @@ from schemas.metrics import MetricAggregate, MetricPoint, MetricRecord
 from worker.exceptions import ValidationError
 from worker.http.params import IN_UTC, NO_NUL
 from worker.http.services import services
+from worker.http.stats_read import MAX_INSIGHT_ID_CHARS
+from worker.http.stats_read import ROUTE as STATS_ROUTE
 
 router = APIRouter(prefix="/v1", tags=["read"])
 
@@ -25,9 +27,12 @@ def _json(text: str) -> Response:
     return Response(content=text, media_type="application/json")
 
 
-@router.get("/feedback/{insight_id}/stats", response_model=FeedbackStats)
+# Served at the ASGI level when this route would answer it (worker.http.stats_read):
+# the path and the id's limits are that module's.
+@router.get(STATS_ROUTE.removeprefix(router.prefix), response_model=FeedbackStats)
 async def feedback_stats(
-    request: Request, insight_id: Annotated[str, Path(min_length=1, max_length=100), NO_NUL]
+    request: Request,
+    insight_id: Annotated[str, Path(min_length=1, max_length=MAX_INSIGHT_ID_CHARS), NO_NUL],
 ) -> Response:
     return _json(await services(request).reads.feedback_stats_json(insight_id))
 

@@ -25,9 +25,11 @@ from worker.http import errors
 from worker.read.cached import CacheService
 
 ROUTE = "/v1/feedback/{insight_id}/stats"
+"""The path, as ``worker.http.read_routes`` declares it too."""
 _PREFIX, _SUFFIX = ROUTE.split("{insight_id}")
 MAX_INSIGHT_ID_CHARS = 100
-"""The route's ``max_length`` (CONTRACT.md's identifier)."""
+"""The id's length limit, which the route's parameter declares too (CONTRACT.md's
+identifier)."""
 
 
 def stats_insight_id(scope: Scope) -> str | None:
@@ -46,18 +48,19 @@ def stats_insight_id(scope: Scope) -> str | None:
 
 
 class StatsRead:
-    """The ASGI app of a stats request (``stats_insight_id`` took it): the cached JSON
-    text as is, through the cache-aside path of ``reads``. ``route`` is the FastAPI
-    route it answers for."""
+    """The ASGI app of a stats request: the cached JSON text as is, through the
+    cache-aside path of ``reads``. ``route`` is the FastAPI route it answers for.
+
+    The caller matched the request (``stats_insight_id``) and put the id in
+    ``scope["path_params"]``, as Starlette's router does on a match."""
 
     def __init__(self, reads: Callable[[], CacheService], route: BaseRoute) -> None:
         self.reads = reads
         self.route = route
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        insight_id = stats_insight_id(scope)
-        assert insight_id is not None, "WorkerApp routes only a stats request here"
-        # What Starlette's router records on a match: telemetry names the request by it.
+        insight_id: str = scope["path_params"]["insight_id"]
+        # Also recorded by Starlette's router on a match: telemetry names the request by it.
         scope["route"] = self.route
         try:
             text = await self.reads().feedback_stats_json(insight_id)
