@@ -26,7 +26,7 @@ from worker.pipeline.dead_letters import DeadLetterPublisher
 from worker.pipeline.settings import BatchSettings
 from worker.pubsub.client import PubSub
 from worker.pubsub.invalidations import InvalidationPublisher
-from worker.storage.cache import Cache, create_redis
+from worker.storage.cache import Cache, create_cache
 from worker.storage.database import create_engine, pool_use
 from worker.telemetry import Telemetry, create_telemetry
 from worker.topics import Registry
@@ -72,7 +72,7 @@ class Runtime:
     @property
     def cache(self) -> Cache:
         if self._cache is None:
-            self._cache = Cache(create_redis(self.settings), telemetry=self.telemetry)
+            self._cache = create_cache(self.settings, self.telemetry)
         return self._cache
 
     # -- topics ------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from worker.storage.cache import (
     VERSION_TTL_S,
     Cache,
     CacheUnavailableError,
+    create_cache,
     create_redis,
     version_key,
 )
@@ -38,9 +39,16 @@ async def rdb(settings: Settings) -> AsyncIterator[RedisDb]:
         yield claimed
 
 
+@pytest.fixture(params=[True, False], ids=["multiplexed-reads", "pooled-reads"])
+def multiplexed_reads(request: pytest.FixtureRequest) -> bool:
+    """Reads on one shared connection (what the worker builds), or through redis-py's
+    pool (what a URL the shared connection does not take gets)."""
+    return bool(request.param)
+
+
 @pytest_asyncio.fixture(loop_scope="session")
-async def cache(rdb: RedisDb) -> AsyncIterator[Cache]:
-    cache = rdb.cache()
+async def cache(rdb: RedisDb, multiplexed_reads: bool) -> AsyncIterator[Cache]:
+    cache = rdb.cache(multiplexed_reads)
     try:
         yield cache
     finally:
@@ -184,12 +192,43 @@ async def test_delete_invalidates_one_key(rdb: RedisDb, cache: Cache) -> None:
     assert await rdb.redis.get(version_key(key)) is not None
 
 
+async def test_scripts_on_connections_the_server_closed_run_on_new_ones(
+    rdb: RedisDb, cache: Cache
+) -> None:
+    """After a Redis restart the pool holds closed connections: the first fill or
+    invalidation on each must still go through (redis-py retries no script itself)."""
+    keys = [stats_cache_key(f"insight-{n}") for n in range(3)]
+    await cache.invalidate(keys)
+    assert await cache.get_or_load(keys[0], 60, Loads("before")) == "before"
+    clients = await rdb.redis.client_list()
+    used = [c["id"] for c in clients if c["db"] == str(rdb.number) and c["cmd"] == "evalsha"]
+    assert used
+    for client_id in used:
+        await rdb.redis.client_kill_filter(_id=client_id)
+
+    await cache.invalidate(keys)  # raises CacheUnavailableError if it failed
+    assert await cache.get_or_load(keys[1], 60, Loads("filled")) == "filled"
+    assert await rdb.redis.get(keys[1]) == "filled", "the fill went through"
+    assert await rdb.redis.get(keys[0]) is None, "the invalidation went through"
+    assert cache._available(), "no failure was counted"
+
+
 # -- Redis down --------------------------------------------------------------------------
 
 
-async def test_redis_down_costs_a_load_never_an_error(settings: Settings) -> None:
+def down_cache(settings: Settings, multiplexed_reads: bool, breaker_s: float) -> Cache:
+    """A cache of a Redis that refuses connections."""
+    down = dataclasses.replace(settings, redis_url=DOWN_URL)
+    if multiplexed_reads:
+        return create_cache(down, breaker_s=breaker_s)
+    return Cache(create_redis(down), breaker_s=breaker_s)
+
+
+async def test_redis_down_costs_a_load_never_an_error(
+    settings: Settings, multiplexed_reads: bool
+) -> None:
     # No breaker: every call below really goes to the dead Redis.
-    cache = Cache(create_redis(dataclasses.replace(settings, redis_url=DOWN_URL)), breaker_s=0)
+    cache = down_cache(settings, multiplexed_reads, breaker_s=0)
     try:
         started = time.monotonic()
         assert await cache.get("feedback:stats:x") is None
@@ -210,9 +249,9 @@ async def test_redis_down_costs_a_load_never_an_error(settings: Settings) -> Non
 
 
 async def test_after_a_failure_reads_skip_redis_for_the_breaker_period(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, multiplexed_reads: bool
 ) -> None:
-    cache = Cache(create_redis(dataclasses.replace(settings, redis_url=DOWN_URL)), breaker_s=30)
+    cache = down_cache(settings, multiplexed_reads, breaker_s=30)
     attempts: list[str] = []
     original: Any = cache.redis.execute_command
 
@@ -221,6 +260,15 @@ async def test_after_a_failure_reads_skip_redis_for_the_breaker_period(
         return await original(*args, **options)
 
     monkeypatch.setattr(cache.redis, "execute_command", execute_command)
+    if cache.reads is not None:
+        original_mget: Any = cache.reads.mget
+
+        async def mget(keys: Any) -> Any:
+            attempts.append("MGET")
+            return await original_mget(keys)
+
+        monkeypatch.setattr(cache.reads, "mget", mget)
+    assert (cache.reads is not None) == multiplexed_reads
     try:
         assert await cache.get("feedback:stats:x") is None
         assert attempts == ["MGET"]

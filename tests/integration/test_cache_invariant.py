@@ -45,7 +45,7 @@ from worker.exceptions import NotFoundError
 from worker.pubsub.client import PubSub
 from worker.read.cached import CacheService
 from worker.read.service import DatabaseService
-from worker.storage.cache import Cache, create_redis, version_key
+from worker.storage.cache import Cache, create_redis, multiplexed_reads, version_key
 
 pytestmark = pytest.mark.slow
 
@@ -271,8 +271,12 @@ async def randomized_run(
     work = workload(seed, datetime.now(UTC).replace(microsecond=0))
     counters = Counters()
     rng = random.Random(seed)
-    # Two API processes (two caches, two Redis pools), half of the readers on each.
-    caches = [cache_class(create_redis(rdb.settings)) for _ in range(2)]
+    # Two API processes (two caches, each with its own connections), half of the readers
+    # on each.
+    caches = [
+        cache_class(create_redis(rdb.settings), reads=multiplexed_reads(rdb.settings))
+        for _ in range(2)
+    ]
     readers = Readers()
     started = time.monotonic()
     try:
@@ -369,7 +373,7 @@ async def test_fill_racing_an_invalidation(
     insight = "insight-race"
     key = stats_cache_key(insight)
     counters = Counters()
-    cache = cache_class(create_redis(rdb.settings))
+    cache = cache_class(create_redis(rdb.settings), reads=multiplexed_reads(rdb.settings))
     gated = GatedDatabase(db)
     reads = CacheService(cache, gated)
     event = {"insight_id": insight, "user_id": "u", "rating": 1}

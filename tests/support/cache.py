@@ -30,7 +30,7 @@ from worker.config import Settings
 from worker.exceptions import NotFoundError
 from worker.read.service import DatabaseService
 from worker.sources.pull_worker import PullWorker
-from worker.storage.cache import Cache, create_redis
+from worker.storage.cache import Cache, create_cache, create_redis
 
 REDIS_HOST = "127.0.0.1"
 REDIS_PORT = 6379
@@ -84,8 +84,11 @@ class RedisDb:
     settings: Settings
     redis: aioredis.Redis
 
-    def cache(self) -> Cache:
-        """A new ``Cache`` (its own connection pool) on this database; caller closes it."""
+    def cache(self, multiplexed_reads: bool = True) -> Cache:
+        """A new ``Cache`` (its own connections) on this database, as the worker builds
+        it (``create_cache``), or reading through redis-py's pool alone; caller closes it."""
+        if multiplexed_reads:
+            return create_cache(self.settings)
         return Cache(create_redis(self.settings))
 
 

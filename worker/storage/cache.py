@@ -26,13 +26,16 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from redis import asyncio as aioredis
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MaxConnectionsError, RedisError
 
 from worker.config import Settings
 from worker.exceptions import WorkerError
+from worker.storage.redis_multiplexed import MultiplexedRedis
 
 if TYPE_CHECKING:
     from worker.telemetry import Telemetry
@@ -82,21 +85,71 @@ def version_key(key: str) -> str:
     return VERSION_PREFIX + key
 
 
+SOCKET_TIMEOUT_S = 0.5
+"""How long a command's reply may take before Redis counts as unavailable."""
+CONNECT_TIMEOUT_S = 0.5
+
+
 def create_redis(settings: Settings) -> aioredis.Redis:
     return aioredis.Redis.from_url(
         settings.redis_url,
         max_connections=settings.redis_max_connections,
-        socket_timeout=0.5,
-        socket_connect_timeout=0.5,
+        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
         decode_responses=True,
     )
 
 
+def multiplexed_reads(
+    settings: Settings, telemetry: Telemetry | None = None
+) -> MultiplexedRedis | None:
+    """The reads' shared connection to ``settings.redis_url``
+    (``worker.storage.redis_multiplexed``: a fraction of redis-py's CPU per read), or
+    None where the URL is not one it takes."""
+    # Spans of the reads, as redis-py's instrumentation makes of the other commands.
+    tracer = telemetry.tracer if telemetry is not None and telemetry.exporting else None
+    return MultiplexedRedis.from_url(
+        settings.redis_url,
+        timeout_s=SOCKET_TIMEOUT_S,
+        connect_timeout_s=CONNECT_TIMEOUT_S,
+        tracer=tracer,
+    )
+
+
+def create_cache(
+    settings: Settings, telemetry: Telemetry | None = None, breaker_s: float = 1.0
+) -> Cache:
+    """The cache of ``settings.redis_url``: reads on one shared connection where the URL
+    allows it, every other command through redis-py's pool."""
+    reads = multiplexed_reads(settings, telemetry)
+    return Cache(create_redis(settings), breaker_s, telemetry, reads)
+
+
+async def _run(script: AsyncScript, keys: list[str], args: list[str | int]) -> object:
+    """``script`` on ``keys`` and ``args``, once more if its pooled connection turned out
+    closed: redis-py retries other commands then, but not a script (it cannot know one is
+    safe to run twice). Ours are: the fill is a compare-and-set of the same value, and an
+    invalidation only renews tokens. Without this, the first script on each connection
+    left over from before a Redis restart fails, and opens the breaker."""
+    try:
+        return await script(keys=keys, args=args)
+    except RedisConnectionError:
+        # The failed connection was dropped from the pool; this takes a new one.
+        return await script(keys=keys, args=args)
+
+
 class Cache:
     def __init__(
-        self, redis: aioredis.Redis, breaker_s: float = 1.0, telemetry: Telemetry | None = None
+        self,
+        redis: aioredis.Redis,
+        breaker_s: float = 1.0,
+        telemetry: Telemetry | None = None,
+        reads: MultiplexedRedis | None = None,
     ) -> None:
+        """``redis`` serves every command; ``reads``, if given, the reads instead (see
+        ``create_cache``)."""
         self.redis = redis
+        self.reads = reads
         self.breaker_s = breaker_s
         self.telemetry = telemetry
         self._down_until = 0.0
@@ -125,21 +178,27 @@ class Cache:
         """(value, version token); the token is False when Redis could not be asked."""
         if not self._available():
             return None, False
+        keys = [key, version_key(key)]
+        try:
+            if self.reads is not None:
+                value, token = await self.reads.mget(keys)
+            else:
+                value, token = await self._pooled_mget(keys)
+        except (RedisError, OSError) as error:
+            self._failed("get", error)
+            return None, False
+        return value, token
+
+    async def _pooled_mget(self, keys: list[str]) -> list[str | None]:
         for _ in range(POOL_WAIT_TRIES):
             try:
-                value, token = await self.redis.mget([key, version_key(key)])
-                break
+                # decode_responses=True: Redis answers str (typed as bytes | str).
+                return cast(list[str | None], await self.redis.mget(keys))
             except MaxConnectionsError:
                 # Every pooled connection is busy: Redis is fine, wait for one rather
                 # than open the breaker and send the heaviest load to PostgreSQL.
                 await asyncio.sleep(POOL_WAIT_S)
-            except (RedisError, OSError) as error:
-                self._failed("get", error)
-                return None, False
-        else:
-            return None, False
-        # decode_responses=True: Redis answers str (typed as bytes | str).
-        return (None if value is None else str(value)), (None if token is None else str(token))
+        raise MaxConnectionsError(f"no pooled redis connection free in {POOL_WAIT_TRIES} tries")
 
     async def set(self, key: str, value: str, ttl_s: int) -> None:
         """Unconditional write (a value known to be current, e.g. just computed)."""
@@ -171,7 +230,7 @@ class Cache:
             value = await load()
             if value is not None and token is not False:
                 try:
-                    await self._fill(keys=[key, version_key(key)], args=[value, ttl_s, token or ""])
+                    await _run(self._fill, [key, version_key(key)], [value, ttl_s, token or ""])
                 except (RedisError, OSError) as error:
                     self._failed("fill", error)
         if self.telemetry is not None:
@@ -188,9 +247,10 @@ class Cache:
         for start in range(0, len(keys), INVALIDATE_CHUNK_KEYS):
             chunk = list(keys[start : start + INVALIDATE_CHUNK_KEYS])
             try:
-                await self._invalidate(
-                    keys=chunk + [version_key(key) for key in chunk],
-                    args=[uuid.uuid4().hex, VERSION_TTL_S],
+                await _run(
+                    self._invalidate,
+                    chunk + [version_key(key) for key in chunk],
+                    [uuid.uuid4().hex, VERSION_TTL_S],
                 )
             except (RedisError, OSError) as error:
                 raise CacheUnavailableError(f"redis unavailable: {error}") from error
@@ -203,4 +263,6 @@ class Cache:
             return False
 
     async def close(self) -> None:
+        if self.reads is not None:
+            await self.reads.aclose()
         await self.redis.aclose()
