@@ -297,3 +297,22 @@ async def test_a_reply_nobody_asked_for_ends_the_connection() -> None:
             assert len(accepted) == 2
         finally:
             await reads.aclose()
+
+
+async def test_readers_waiting_on_a_failed_connect_share_its_failure() -> None:
+    async def answer(command: list[bytes]) -> bytes | None:
+        return b"-WRONGPASS invalid username-password pair\r\n"
+
+    async with resp_server(answer) as (url, accepted):
+        reads = connect(url.replace("redis://", "redis://:secret@"))
+        try:
+            results = await asyncio.gather(
+                *(reads.mget(["k"]) for _ in range(20)), return_exceptions=True
+            )
+            assert all(isinstance(r, AuthenticationError) for r in results), results
+            assert len(accepted) == 1, "one attempt for every reader waiting on it"
+            with pytest.raises(AuthenticationError):
+                await reads.mget(["k"])  # a later read tries again
+            assert len(accepted) == 2
+        finally:
+            await reads.aclose()

@@ -167,6 +167,8 @@ class MultiplexedRedis:
         self.tracer = tracer
         self._replies: _Replies | None = None
         self._connecting = asyncio.Lock()
+        self._attempts = 0  # connection attempts finished
+        self._failure: RedisError | None = None
         self._closed = False
 
     @classmethod
@@ -225,15 +227,27 @@ class MultiplexedRedis:
 
     async def _connect(self) -> _Replies:
         """The open connection, opening it if needed: concurrent readers share one
-        attempt, and all see its failure."""
+        attempt, and all see its failure (a Redis that refuses is asked once, not
+        once per waiting reader)."""
+        attempt = self._attempts
         async with self._connecting:
             if self._closed:
                 raise ConnectionError("the multiplexed redis connection is closed")
             replies = self._replies
             if replies is not None and replies.ended is None:
                 return replies
+            if self._attempts != attempt and self._failure is not None:
+                # The attempt this reader waited for failed: its error, raised anew.
+                raise type(self._failure)(*self._failure.args)
             self._replies = None
-            replies = await self._open()
+            try:
+                replies = await self._open()
+            except RedisError as error:
+                self._failure = error
+                raise
+            finally:
+                self._attempts += 1  # counted once over: readers waiting saw it start
+            self._failure = None
             self._replies = replies
             return replies
 
