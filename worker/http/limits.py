@@ -19,10 +19,12 @@ import asyncio
 import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from worker.http.coalescing import CoalescingTransport
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +90,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._head_timer: Any = None
 
     def connection_made(self, transport: Any) -> None:
-        super().connection_made(transport)
+        # Each answer in one write (head and body); the socket's transport otherwise.
+        coalescing = cast(asyncio.Transport, CoalescingTransport(transport, self.loop))
+        super().connection_made(coalescing)
         self._head_started = self.loop.time()
         self._head_timer = self.loop.call_later(self.limits.head_timeout_s, self._check_head)
 
