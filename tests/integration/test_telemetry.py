@@ -12,7 +12,12 @@ from typing import Any
 
 import httpx
 import pytest
-from opentelemetry.sdk.metrics.export import ExponentialHistogramDataPoint, InMemoryMetricReader
+from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    ExponentialHistogramDataPoint,
+    InMemoryMetricReader,
+    Sum,
+)
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -147,6 +152,18 @@ async def test_reads_count_hits_and_misses_and_the_pool_is_observed(
 
     lookups = {a["result"]: int(p.value) for a, p in recorded.points("cache.lookups")}
     assert lookups == {"miss": 1, "hit": 1}
+    # Counted by the cache and observed at collection: still a monotonic sum, as a
+    # Counter's, for whoever reads the export.
+    [lookup_metric] = [
+        m
+        for rm in recorded.metrics.get_metrics_data().resource_metrics  # type: ignore[union-attr]
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        if m.name == "cache.lookups"
+    ]
+    assert isinstance(lookup_metric.data, Sum) and lookup_metric.data.is_monotonic
+    assert lookup_metric.data.aggregation_temporality == AggregationTemporality.CUMULATIVE
+    assert {a["cache"] for a, _ in recorded.points("cache.lookups")} == {"feedback"}
     [(attributes, durations)] = recorded.points("read.duration")
     assert attributes == {"cache": "feedback"} and durations.count == 2
     states = {a["state"] for a, _ in recorded.points("db.pool.connections")}

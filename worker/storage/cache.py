@@ -234,10 +234,10 @@ class Cache:
                 except (RedisError, OSError) as error:
                     self._failed("fill", error)
         if self.telemetry is not None:
-            attributes = {"cache": key.partition(":")[0]}
-            self.telemetry.cache_lookups.add(1, {**attributes, "result": "hit" if hit else "miss"})
+            cache = key.partition(":")[0]
+            self.telemetry.count_cache_lookup(cache, hit)
             self.telemetry.read_duration_ms.record(
-                (time.perf_counter() - started) * 1000, attributes
+                (time.perf_counter() - started) * 1000, {"cache": cache}
             )
         return value
 
