@@ -15,7 +15,8 @@ must cost the same whatever the insight's size; goal p99 <= 5 ms at both):
 Baselines in the same run: a raw read of the same key on the connection the cache
 reads on (an MGET of the key alone on ``worker.storage.redis_multiplexed``), by as
 many tasks (goal: cached reads >= 0.5 of its rate), and, for scale, redis-py's pooled
-GET of it; over HTTP, the same server doing
+GET of it; for the uncached read, its statement alone on a bare asyncpg pool (a
+connection per task), the least a read from PostgreSQL costs on this machine; over HTTP, the same server doing
 no work (``bench.empty_push``, on as many processes as ``serve``) under the same load.
 
 Saturation p99 measures wrk's queue as much as the server: the cached HTTP read is
@@ -46,7 +47,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import asyncpg
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bench import paced
@@ -55,6 +58,7 @@ from schemas.cache_keys import stats_cache_key
 from schemas.feedback import FLAG_TYPES, FeedbackEvent, FeedbackStats
 from worker.config import Settings
 from worker.read.cached import CacheService
+from worker.read.feedback import STATS_SQL
 from worker.read.service import DatabaseService
 from worker.storage.cache import create_cache, version_key
 from worker.storage.database import create_engine
@@ -368,6 +372,25 @@ async def _ceiling_phase(
         await _stop_server(server)
 
 
+async def _raw_database_read(settings: Settings, insight_id: str) -> tuple[float, float]:
+    """(p99 ms, reads/s) of the uncached read's statement alone, on an asyncpg pool of
+    its own with a connection per reader: the least a read from PostgreSQL costs here."""
+    url = make_url(settings.database_url).set(drivername="postgresql")
+    pool = await asyncpg.create_pool(
+        url.render_as_string(hide_password=False), min_size=READERS, max_size=READERS
+    )
+    try:
+
+        async def raw_read() -> object:
+            async with pool.acquire() as connection:
+                return await connection.fetchrow(STATS_SQL, insight_id)
+
+        _, p99, rate = await _measure(raw_read)
+    finally:
+        await pool.close()
+    return p99, rate
+
+
 async def _store_many(engine: AsyncEngine, insight_id: str, rows: int) -> None:
     """``rows`` ratings of ``insight_id``, by INSERT ... SELECT statements of
     ``INSERT_MANY`` rows (one statement of 1M rows can outlast the 30 s command
@@ -430,7 +453,7 @@ async def run() -> None:
                 f"{db.queries - queries} cached reads went to the database (Redis down, "
                 "paused or flushed by another process?); run again"
             )
-        u50, u99, _ = await _measure(uncached)
+        u50, u99, u_rate = await _measure(uncached)
 
         raw_reads = cache.reads
         if raw_reads is None:
@@ -449,6 +472,7 @@ async def run() -> None:
             return await db.get_feedback_stats(big_id)
 
         _, u99_big, _ = await _measure(uncached_big)
+        raw_db_p99, raw_db_rate = await _raw_database_read(settings, insight_id)
 
         total = expected.total_ratings
         cached_http, cached_paced = await _http_phase(settings, True, insight_id, total, wrk)
@@ -472,6 +496,8 @@ async def run() -> None:
     report(SCENARIO, "uncached_in_process_p50_ms", u50)
     report(SCENARIO, "uncached_in_process_p99_ms", u99)
     report(SCENARIO, "uncached_in_process_p99_ms_1m_rows", u99_big)
+    report(SCENARIO, "uncached_in_process_reads_per_s", u_rate, "raw_asyncpg_read", raw_db_rate)
+    report(SCENARIO, "raw_asyncpg_read_p99_ms", raw_db_p99)
     report(SCENARIO, "cached_http_p50_ms", cached_http.p50_ms)
     http_p99 = cached_http.p99_ms
     report(SCENARIO, "cached_http_p99_ms", http_p99, "uncached_http_p99", uncached_http.p99_ms)
