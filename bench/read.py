@@ -16,8 +16,9 @@ Baselines in the same run: a raw read of the same key on the connection the cach
 reads on (an MGET of the key alone on ``worker.storage.redis_multiplexed``), by as
 many tasks (goal: cached reads >= 0.5 of its rate), and, for scale, redis-py's pooled
 GET of it; for the uncached read, its statement alone on a bare asyncpg pool (a
-connection per task), the least a read from PostgreSQL costs on this machine; over HTTP, the same server doing
-no work (``bench.empty_push``, on as many processes as ``serve``) under the same load.
+connection per task), the least a read from PostgreSQL costs on this machine; over
+HTTP, the same server doing no work (``bench.empty_push``, on as many processes as
+``serve``) under the same load.
 
 Saturation p99 measures wrk's queue as much as the server: the cached HTTP read is
 also offered a fixed rate for 10 s (``bench.paced``, latency from each request's due
