@@ -133,6 +133,8 @@ async def _run(script: AsyncScript, keys: list[str], args: list[str | int]) -> o
     left over from before a Redis restart fails, and opens the breaker."""
     try:
         return await script(keys=keys, args=args)
+    except MaxConnectionsError:
+        raise  # a busy pool (a ConnectionError too), not a closed connection
     except RedisConnectionError:
         # The failed connection was dropped from the pool; this takes a new one.
         return await script(keys=keys, args=args)
