@@ -5,12 +5,14 @@ after-commit hook (cache invalidations) -> dead letters -> ack.
 
 A batch is flushed when it holds ``max_batch_size`` deliveries or ``max_batch_bytes``
 of message data (a metrics message may carry 1000 samples), when its oldest
-delivery has waited ``max_batch_delay_ms``, or at once when no flush of the topic is
-in flight (group commit: under load batches gather behind the one committing, and a
-lone message never waits for the delay). Up to ``max_concurrent_flushes`` batches
-of a topic are in flight at once, so Python decodes the next batch while PostgreSQL
-commits the last. A delivery is acked only after its batch committed (or after it
-was dead-lettered); a transient failure nacks it and pauses the sources briefly.
+delivery has waited ``max_batch_delay_ms``, or at once when no batch of the topic is
+committing (group commit: under load batches gather behind the one committing, and a
+lone message never waits for the delay; a batch publishing its invalidations no
+longer holds the database, so the next one need not wait for it). Up to
+``max_concurrent_flushes`` batches of a topic are in flight at once, so Python
+decodes the next batch while PostgreSQL commits the last. A delivery is acked only
+after its batch committed (or after it was dead-lettered); a transient failure nacks
+it and pauses the sources briefly.
 """
 
 from __future__ import annotations
@@ -117,6 +119,7 @@ class TopicPipeline:
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(settings.max_concurrent_flushes)
         self._flushes: set[asyncio.Task[None]] = set()
+        self._committing = 0  # batches inside the handler's transaction
         self._closing = False
 
     # -- intake ----------------------------------------------------------------------
@@ -204,9 +207,9 @@ class TopicPipeline:
                 await self._wakeup.wait()
                 continue
             wait_s = self._oldest_at + delay_s - time.monotonic()
-            # Group commit: with no flush in flight nothing is gained by waiting, so
-            # flush at once; while one is in flight, the next batch gathers behind it.
-            idle = self.settings.flush_when_idle and not self._flushes
+            # Group commit: with no batch committing nothing is gained by waiting, so
+            # flush at once; while one commits, the next batch gathers behind it.
+            idle = self.settings.flush_when_idle and not self._committing
             if not self._full() and wait_s > 0 and not self._closing and not idle:
                 self._wakeup.clear()
                 with contextlib.suppress(TimeoutError):
@@ -285,7 +288,7 @@ class TopicPipeline:
             self.telemetry.batch_size.record(len(valid), self._attributes)
             started = time.monotonic()
             try:
-                outcome, unexpected = await self._apply([e.item for e in valid])
+                outcome, unexpected = await self._committed([e.item for e in valid])
             except WorkerError as error:
                 log.warning(
                     "batch not committed, nacked for redelivery",
@@ -331,6 +334,16 @@ class TopicPipeline:
             self.telemetry.committed.add(len(committed), self._attributes)
         if dead:
             await self._dead_letter(dead)
+
+    async def _committed(self, items: Sequence[Any]) -> tuple[BatchOutcome, list[int]]:
+        """``_apply``, counted as committing: once it is done the database is free, and
+        the batch gathered meanwhile may go while this one publishes its invalidations."""
+        self._committing += 1
+        try:
+            return await self._apply(items)
+        finally:
+            self._committing -= 1
+            self._wakeup.set()
 
     async def _apply(self, items: Sequence[Any]) -> tuple[BatchOutcome, list[int]]:
         """Apply a batch; if it is refused as a whole, find the culprits by halving.
