@@ -14,6 +14,14 @@ share its cores). A steadier one for the handlers' own Python: each topic's deco
 ``parse`` of the same payloads in this process, best of ``PASSES`` passes over
 ``PARSED`` payloads, against ``orjson.loads`` of them alone (the least a consumer of
 JSON pays).
+
+And the handler's whole share, for the split of the worker's figure: decode, ``parse``
+and ``apply`` (its statement and transaction, on the worker's engine) of the same
+backlog in this process, in batches of ``HANDLER_BATCH``, without Pub/Sub or the
+pipeline (``handler_us_per_{topic}_message``). The bare loop plus this is what a
+worker made of these parts would pay with no runtime at all
+(``floor_us_per_{topic}_message``, against the worker's figure of the same rounds):
+what the runtime itself costs is the difference.
 """
 
 from __future__ import annotations
@@ -39,11 +47,13 @@ from bench.stack import (
     wait_for_rows,
 )
 from handlers.feedback import FeedbackHandler
+from handlers.metric_partitions import ensure_months_ahead
 from handlers.metrics import MetricsHandler
 from worker.config import Settings
 from worker.pipeline.decoding import decode_json_object
 from worker.pubsub.client import PubSub
 from worker.sources.settings import PullSettings
+from worker.storage.database import create_engine
 
 METRICS = 60_000
 FEEDBACK = 30_000
@@ -126,6 +136,33 @@ def _parse_us(topic: str) -> tuple[float, float]:
     return best_us(parse_all), best_us(loads_all)
 
 
+HANDLER_BATCH = 1000
+
+
+async def _handler_us(settings: Settings, topic: str) -> float:
+    """Decode, ``parse`` and ``apply`` of the worker's backlog in this process, in
+    batches of ``HANDLER_BATCH``: µs of this process's CPU per message."""
+    count, payloads, table, make_handler = TOPICS[topic]
+    await fresh_database(DATABASE)
+    engine = create_engine(settings)
+    try:
+        await ensure_months_ahead(engine)
+        data, handler = payloads(count, uuid.uuid4().hex[:6]), make_handler()
+        published_at = datetime.now(UTC)
+        before = time.process_time()
+        for start in range(0, count, HANDLER_BATCH):
+            items = [
+                handler.parse(decode_json_object(item), published_at)
+                for item in data[start : start + HANDLER_BATCH]
+            ]
+            await handler.apply(engine, items)  # type: ignore[arg-type]
+        spent = time.process_time() - before
+    finally:
+        await engine.dispose()
+    await wait_for_rows(settings, f"SELECT count(*) FROM {table}", count, timeout_s=5)
+    return spent / count * 1e6
+
+
 async def run() -> None:
     settings = bench_settings(scratch_settings(DATABASE))
     pubsub = await fresh_topology(settings)
@@ -133,17 +170,37 @@ async def run() -> None:
     try:
         await warm_up_emulator(pubsub, pullers)
         for topic in TOPICS:
-            workers, bare = [], []
+            workers, bare, handler = [], [], []
             for _ in range(ROUNDS):
                 bare.append(await _bare_loop_us(pubsub, topic, pullers))
                 workers.append(await _worker_us(settings, pubsub, topic))
+                handler.append(await _handler_us(settings, topic))
+            worker_us = statistics.median(workers)
             report(
                 "cpu",
                 f"worker_cpu_us_per_{topic}_message",
-                statistics.median(workers),
+                worker_us,
                 "bare_pull_ack_loop",
                 statistics.median(bare),
                 rounds=list(zip(workers, bare, strict=True)),
+            )
+            # Each round's parts against that round's worker: the ratio is their share.
+            report(
+                "cpu",
+                f"handler_us_per_{topic}_message",
+                statistics.median(handler),
+                f"worker_cpu_us_per_{topic}_message",
+                worker_us,
+                rounds=list(zip(handler, workers, strict=True)),
+            )
+            floors = [b + h for b, h in zip(bare, handler, strict=True)]
+            report(
+                "cpu",
+                f"floor_us_per_{topic}_message",
+                statistics.median(floors),
+                f"worker_cpu_us_per_{topic}_message",
+                worker_us,
+                rounds=list(zip(floors, workers, strict=True)),
             )
             parse_us, loads_us = _parse_us(topic)
             report("cpu", f"parse_us_per_{topic}_message", parse_us, "orjson_loads", loads_us)
