@@ -46,14 +46,14 @@ from bench.stack import (
     stop_process,
     wait_for_rows,
 )
+from handlers import registry
 from handlers.feedback import FeedbackHandler
-from handlers.metric_partitions import ensure_months_ahead
 from handlers.metrics import MetricsHandler
 from worker.config import Settings
 from worker.pipeline.decoding import decode_json_object
 from worker.pubsub.client import PubSub
+from worker.runtime import Runtime
 from worker.sources.settings import PullSettings
-from worker.storage.database import create_engine
 
 METRICS = 60_000
 FEEDBACK = 30_000
@@ -141,24 +141,25 @@ HANDLER_BATCH = 1000
 
 async def _handler_us(settings: Settings, topic: str) -> float:
     """Decode, ``parse`` and ``apply`` of the worker's backlog in this process, in
-    batches of ``HANDLER_BATCH``: µs of this process's CPU per message."""
-    count, payloads, table, make_handler = TOPICS[topic]
+    batches of ``HANDLER_BATCH``: µs of this process's CPU per message. The handler,
+    its start-up hook and its engine are the worker's (a ``Runtime``'s)."""
+    count, payloads, table, _ = TOPICS[topic]
     await fresh_database(DATABASE)
-    engine = create_engine(settings)
+    runtime = Runtime(settings, registry())
     try:
-        await ensure_months_ahead(engine)
-        data, handler = payloads(count, uuid.uuid4().hex[:6]), make_handler()
-        published_at = datetime.now(UTC)
+        await runtime.prepare([topic])
+        handler = runtime.registry[topic].build_handler(runtime)
+        data, published_at = payloads(count, uuid.uuid4().hex[:6]), datetime.now(UTC)
         before = time.process_time()
         for start in range(0, count, HANDLER_BATCH):
             items = [
                 handler.parse(decode_json_object(item), published_at)
                 for item in data[start : start + HANDLER_BATCH]
             ]
-            await handler.apply(engine, items)  # type: ignore[arg-type]
+            await handler.apply(runtime.engine, items)
         spent = time.process_time() - before
     finally:
-        await engine.dispose()
+        await runtime.close()
     await wait_for_rows(settings, f"SELECT count(*) FROM {table}", count, timeout_s=5)
     return spent / count * 1e6
 

@@ -4,7 +4,8 @@ that fails on purpose, a settler and a dead-letter publisher that record."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -100,13 +101,18 @@ def counter(reader: InMemoryMetricReader, name: str, label: str = "topic") -> di
 
 
 class PipelineRun:
-    """A real ``TopicPipeline`` over the fakes: submit messages, wait for their fates."""
+    """A real ``TopicPipeline`` over the fakes: submit messages, wait for their fates.
+
+    ``settings`` default to a short delay and no flush when idle, so that what is
+    submitted at once is one batch.
+    """
 
     def __init__(
         self,
         handler: Fussy,
         dead: DeadLetters | None = None,
         after_commit: AfterCommit | None = None,
+        settings: BatchSettings = BatchSettings(max_batch_delay_ms=20, flush_when_idle=False),
     ) -> None:
         self.handler, self.settled, self.dead = handler, Settled(), dead or DeadLetters()
         self.reader = InMemoryMetricReader()
@@ -115,23 +121,39 @@ class PipelineRun:
             engine=None,  # type: ignore[arg-type]
             dead_letters=self.dead,  # type: ignore[arg-type]
             telemetry=create_telemetry(extra_readers=[self.reader]),
-            settings=BatchSettings(max_batch_delay_ms=20, flush_when_idle=False),
+            settings=settings,
             after_commit=after_commit,
             backoff=Backoff(initial_s=0.05, maximum_s=0.2),
         )
 
-    async def settle(self, messages: dict[str, bytes], timeout_s: float = 5.0) -> None:
-        """Submit ``messages`` (id -> data) and wait until each was acked or nacked."""
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """The pipeline's flush loop, running for the block."""
         runner = asyncio.create_task(self.pipeline.run())
         try:
-            for message_id, data in messages.items():
-                self.pipeline.submit(delivery(self.settled, message_id, data))
-            async with asyncio.timeout(timeout_s):
-                while len(self.settled.acked) + len(self.settled.nacked) < len(messages):  # noqa: ASYNC110 - fates come from the pipeline task
-                    await asyncio.sleep(0.005)
+            yield
         finally:
             runner.cancel()
             await asyncio.gather(runner, return_exceptions=True)
+
+    def submit(self, message_id: str, data: bytes) -> None:
+        self.pipeline.submit(delivery(self.settled, message_id, data))
+
+    async def wait_until(self, condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+        """Return once ``condition`` holds (the pipeline task decides when)."""
+        async with asyncio.timeout(timeout_s):
+            while not condition():  # noqa: ASYNC110 - fates come from the pipeline task
+                await asyncio.sleep(0.005)
+
+    async def settle(self, messages: dict[str, bytes], timeout_s: float = 5.0) -> None:
+        """Submit ``messages`` (id -> data) and wait until each was acked or nacked."""
+        settled = self.settled
+        async with self.running():
+            for message_id, data in messages.items():
+                self.submit(message_id, data)
+            await self.wait_until(
+                lambda: len(settled.acked) + len(settled.nacked) >= len(messages), timeout_s
+            )
 
 
 def payloads(*ids: str) -> dict[str, bytes]:

@@ -236,9 +236,10 @@ class TopicPipeline:
         self._flushes.add(task)
 
         def done(t: asyncio.Task[None]) -> None:
+            # The flush loop waits on the slots themselves; what gathered behind this
+            # batch was woken when its commit ended (``_commit``).
             self._flushes.discard(t)
             self._slots.release()
-            self._wakeup.set()  # what gathered meanwhile may go now
 
         task.add_done_callback(done)
 
@@ -288,7 +289,7 @@ class TopicPipeline:
             self.telemetry.batch_size.record(len(valid), self._attributes)
             started = time.monotonic()
             try:
-                outcome, unexpected = await self._committed([e.item for e in valid])
+                outcome, unexpected = await self._commit([e.item for e in valid])
             except WorkerError as error:
                 log.warning(
                     "batch not committed, nacked for redelivery",
@@ -335,7 +336,7 @@ class TopicPipeline:
         if dead:
             await self._dead_letter(dead)
 
-    async def _committed(self, items: Sequence[Any]) -> tuple[BatchOutcome, list[int]]:
+    async def _commit(self, items: Sequence[Any]) -> tuple[BatchOutcome, list[int]]:
         """``_apply``, counted as committing: once it is done the database is free, and
         the batch gathered meanwhile may go while this one publishes its invalidations."""
         self._committing += 1
