@@ -16,7 +16,8 @@ Baselines in the same run: a raw read of the same key on the connection the cach
 reads on (an MGET of the key alone on ``worker.storage.redis_multiplexed``), by as
 many tasks (goal: cached reads >= 0.5 of its rate), and, for scale, redis-py's pooled
 GET of it; for the uncached read, its statement alone on a bare asyncpg pool (a
-connection per task), the least a read from PostgreSQL costs on this machine; over
+connection per task, no reset query on release), the least a read from PostgreSQL
+costs on this machine; over
 HTTP, the same server doing no work (``bench.empty_push``, on as many processes as
 ``serve``) under the same load.
 
@@ -375,10 +376,19 @@ async def _ceiling_phase(
 
 async def _raw_database_read(settings: Settings, insight_id: str) -> tuple[float, float]:
     """(p99 ms, reads/s) of the uncached read's statement alone, on an asyncpg pool of
-    its own with a connection per reader: the least a read from PostgreSQL costs here."""
+    its own with a connection per reader: the least a read from PostgreSQL costs here.
+    Its release skips asyncpg's reset query (a second round trip per read), which a
+    single SELECT outside a transaction has no state for."""
     url = make_url(settings.database_url).set(drivername="postgresql")
+
+    async def keep_session(connection: asyncpg.Connection) -> None:
+        return None
+
     pool = await asyncpg.create_pool(
-        url.render_as_string(hide_password=False), min_size=READERS, max_size=READERS
+        url.render_as_string(hide_password=False),
+        min_size=READERS,
+        max_size=READERS,
+        reset=keep_session,
     )
     try:
 
