@@ -113,3 +113,33 @@ async def test_a_single_statement_that_timed_out_never_goes_back_to_the_pool(
             assert await driver.fetchval("SELECT pg_backend_pid()") != timed_out
     finally:
         await engine.dispose()
+
+
+async def test_a_reader_waiting_for_a_connection_is_not_starved(settings: Settings) -> None:
+    """The pool's queue wakes a waiting reader but would let a running task take the
+    connection first: a task reading back to back must not keep it from the others."""
+    engine = create_engine(settings, pool_size=1)
+    hog_reads = 0
+    hog_started = asyncio.Event()
+
+    async def hog() -> None:
+        nonlocal hog_reads
+        for _ in range(200):
+            async with single_statement(engine) as driver:
+                hog_started.set()
+                await driver.fetchval("SELECT 1")
+            hog_reads += 1
+
+    async def waiter() -> int:
+        await hog_started.wait()
+        async with single_statement(engine) as driver:
+            await driver.fetchval("SELECT 1")
+        return hog_reads
+
+    try:
+        hogging = asyncio.create_task(hog())
+        served_after = await waiter()
+        await hogging
+    finally:
+        await engine.dispose()
+    assert served_after <= 2, f"the waiting reader was served after {served_after} reads"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -246,22 +246,17 @@ async def single_statement(engine: AsyncEngine) -> AsyncIterator[Any]:
             yield driver
         except BaseException as error:
             if _timed_out(error):  # as _discard_on_timeout, for a bare pool connection
-                await _run_to_completion(greenlet_spawn(pooled.invalidate, error))
+                await greenlet_spawn(pooled.invalidate, error)
             raise
         finally:
-            # Back to the pool even when the reader is cancelled meanwhile: a cleanup
-            # abandoned halfway would leak the connection.
-            await _run_to_completion(greenlet_spawn(pooled.close))
-
-
-async def _run_to_completion(cleanup: Coroutine[Any, Any, Any]) -> None:
-    """Await ``cleanup`` to its end; a cancellation meanwhile is re-raised after it."""
-    task = asyncio.ensure_future(cleanup)
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await task
-        raise
+            # Awaited in place, not shielded (a task per read): SQLAlchemy's pool is
+            # safe against a cancellation inside its check-in (the record goes back,
+            # and an interrupted close is never handed out again).
+            await greenlet_spawn(pooled.close)
+            # One turn of the loop before this task may check out again: the pool's
+            # queue wakes a waiting reader but lets a running task take the connection
+            # first, and a reader that read back to back would starve the others.
+            await asyncio.sleep(0)
 
 
 async def driver_connection(conn: AsyncConnection) -> Any:
