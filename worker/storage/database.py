@@ -237,8 +237,14 @@ async def single_statement(engine: AsyncEngine) -> AsyncIterator[Any]:
     The lease is the engine's ``raw_connection()``: the same pool, its size, timeout
     and checkout hook, without a ``Connection`` built around it, which costs the
     process about as much CPU as the read itself (README, "The uncached read")."""
+    dbapi_error: type[Exception] = engine.dialect.loaded_dbapi.Error
     async with wrap_exceptions():
-        pooled = await engine.raw_connection()
+        try:
+            pooled = await engine.raw_connection()
+        except dbapi_error as error:
+            # A Connection would wrap a failed connect in SQLAlchemy's DBAPIError (what
+            # translate() reads); the bare lease leaves the dialect's own error.
+            raise sa_exc.DBAPIError.instance(None, None, error, dbapi_error) from error
         try:
             driver = pooled.driver_connection
             if driver is None:  # invalidated under us (a dropped connection)
