@@ -17,9 +17,8 @@ reads on (an MGET of the key alone on ``worker.storage.redis_multiplexed``), by 
 many tasks (goal: cached reads >= 0.5 of its rate), and, for scale, redis-py's pooled
 GET of it; for the uncached read, its statement alone on a bare asyncpg pool (a
 connection per task, no reset query on release), the least a read from PostgreSQL
-costs on this machine; over
-HTTP, the same server doing no work (``bench.empty_push``, on as many processes as
-``serve``) under the same load.
+costs on this machine; over HTTP, the same server doing no work (``bench.empty_push``,
+on as many processes as ``serve``) under the same load.
 
 Saturation p99 measures wrk's queue as much as the server: the cached HTTP read is
 also offered a fixed rate for 10 s (``bench.paced``, latency from each request's due

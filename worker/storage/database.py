@@ -188,8 +188,11 @@ def _timed_out(error: BaseException) -> bool:
 
 
 @asynccontextmanager
-async def _discard_on_timeout(conn: AsyncConnection) -> AsyncIterator[None]:
-    """Invalidate ``conn`` when a statement under it timed out.
+async def _discard_on_timeout(
+    conn: AsyncConnection | PoolProxiedConnection,
+) -> AsyncIterator[None]:
+    """Invalidate ``conn`` (a ``Connection``, or the pool's bare lease of
+    ``single_statement``) when a statement under it timed out.
 
     After a client-side timeout asyncpg sends a cancel request on a second connection
     and every later operation on this one (the ROLLBACK on exit, the pool's reset)
@@ -201,8 +204,13 @@ async def _discard_on_timeout(conn: AsyncConnection) -> AsyncIterator[None]:
     try:
         yield
     except BaseException as error:
-        if _timed_out(error) and not conn.invalidated:
-            await conn.invalidate(error if isinstance(error, Exception) else None)
+        if _timed_out(error):
+            cause = error if isinstance(error, Exception) else None
+            if isinstance(conn, AsyncConnection):
+                if not conn.invalidated:
+                    await conn.invalidate(cause)
+            elif conn.is_valid:
+                await greenlet_spawn(conn.invalidate, cause)
         raise
 
 
@@ -249,11 +257,8 @@ async def single_statement(engine: AsyncEngine) -> AsyncIterator[Any]:
             driver = pooled.driver_connection
             if driver is None:  # invalidated under us (a dropped connection)
                 raise exc.DatabaseUnavailableError("database connection lost")
-            yield driver
-        except BaseException as error:
-            if _timed_out(error):  # as _discard_on_timeout, for a bare pool connection
-                await greenlet_spawn(pooled.invalidate, error)
-            raise
+            async with _discard_on_timeout(pooled):
+                yield driver
         finally:
             # Awaited in place, not shielded (a task per read): SQLAlchemy's pool is
             # safe against a cancellation inside its check-in (the record goes back,
