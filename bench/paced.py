@@ -1,4 +1,5 @@
-"""A constant-rate HTTP/1.1 load generator, in the manner of wrk2 (not packaged here).
+"""A constant-rate load generator, in the manner of wrk2 (not packaged here): over
+HTTP/1.1 (``offer``), or of an async call in the same process (``offer_calls``).
 
 Saturation figures (wrk: as fast as the server answers) measure the queue in front of
 the server as much as the server. This offers a fixed rate instead: request ``i`` is
@@ -24,7 +25,7 @@ import gc
 import statistics
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -183,19 +184,58 @@ async def offer(
         for connection in [*pool.idle, *pool.busy]:
             if connection.transport is not None:
                 connection.transport.close()
-    latencies_ms = sorted(s * 1000 for s in pool.latencies_s)
+    return _load(rate_per_s, len(requests), pool.failed, start, pool.latencies_s, pool.answered_due)
+
+
+async def offer_calls(
+    call: Callable[[], Awaitable[object]], count: int, rate_per_s: float, concurrency: int
+) -> PacedLoad:
+    """``count`` calls of ``call`` at ``rate_per_s`` by ``concurrency`` tasks, open loop as
+    ``offer``: call ``i`` is due at ``start + i / rate_per_s``, and a call due while every
+    task is busy waits for one, charged from its due time. For a read measured in the
+    process that serves it (its client shares that process's loop and core)."""
+    latencies_s: list[float] = []
+    answered_due: list[float] = []
+    next_calls = iter(range(count))
+    start = time.perf_counter() + 0.05
+    interval_s = 1 / rate_per_s
+
+    async def caller() -> None:
+        for i in next_calls:  # shared by the tasks: each takes the next call due
+            due = start + i * interval_s
+            ahead_s = due - time.perf_counter()
+            if ahead_s > 0.001:  # the loop's timers are not finer; sooner ones go now
+                await asyncio.sleep(ahead_s)
+            due = min(due, time.perf_counter())  # called up to a tick early: from then
+            await call()
+            latencies_s.append(time.perf_counter() - due)
+            answered_due.append(due)
+
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return _load(rate_per_s, count, 0, start, latencies_s, answered_due)
+
+
+def _load(
+    rate_per_s: float,
+    sent: int,
+    failed: int,
+    start: float,
+    latencies_s: list[float],
+    answered_due: list[float],
+) -> PacedLoad:
+    latencies_ms = sorted(s * 1000 for s in latencies_s)
     cuts = statistics.quantiles(latencies_ms, n=100) if len(latencies_ms) > 1 else [0.0] * 99
     return PacedLoad(
         offered_per_s=rate_per_s,
-        sent=len(requests),
+        sent=sent,
         ok=len(latencies_ms),
-        failed=pool.failed,
+        failed=failed,
         p50_ms=cuts[49],
         p99_ms=cuts[98],
         max_ms=latencies_ms[-1] if latencies_ms else 0.0,
         timeline=tuple(
             (due - start, latency * 1000)
-            for due, latency in zip(pool.answered_due, pool.latencies_s, strict=True)
+            for due, latency in zip(answered_due, latencies_s, strict=True)
         ),
     )
 

@@ -20,10 +20,13 @@ connection per task, no reset query on release), the least a read from PostgreSQ
 costs on this machine; over HTTP, the same server doing no work (``bench.empty_push``,
 on as many processes as ``serve``) under the same load.
 
-Saturation p99 measures wrk's queue as much as the server: the cached HTTP read is
-also offered a fixed rate for 10 s (``bench.paced``, latency from each request's due
-time), half of what it sustained under wrk, and the do-nothing server the same rate
-(``cached_http_paced_p99_ms`` against ``empty_server_paced_p99``).
+Saturation p99 measures the queue in front of the read as much as the read: each
+read is also offered a fixed rate for 10 s, half of what it sustained, with latency
+from each read's due time (open loop, as wrk2 measures), and its baseline the same
+rate. Over HTTP by ``bench.paced`` (``cached_http_paced_p99_ms`` and
+``uncached_http_paced_p99_ms``, each against the do-nothing server at its rate); the
+uncached read in process by as many tasks as readers (``uncached_in_process_paced_p99_ms``
+against the bare asyncpg pool at the same rate).
 
 Targets (from the issue): cached p99 <= 1 ms in process, <= 5 ms over HTTP.
 """
@@ -130,6 +133,12 @@ async def _hammer(call: Callable[[], Awaitable[object]], duration_s: float) -> l
 
     await asyncio.gather(*(reader() for _ in range(READERS)))
     return latencies
+
+
+async def _pace(call: Callable[[], Awaitable[object]], rate_per_s: float) -> tuple[float, float]:
+    """(p50 ms, p99 ms) of ``call`` offered ``rate_per_s`` for ``PACED_S`` by READERS tasks."""
+    load = await paced.offer_calls(call, int(rate_per_s * PACED_S), rate_per_s, READERS)
+    return load.p50_ms, load.p99_ms
 
 
 async def _measure(call: Callable[[], Awaitable[object]]) -> tuple[float, float, float]:
@@ -331,11 +340,10 @@ async def _paced(server: _Server, path: str, rate_per_s: float) -> paced.PacedLo
 
 async def _http_phase(
     settings: Settings, cached: bool, insight_id: str, expected_ratings: int, wrk: str
-) -> tuple[WrkResult, paced.PacedLoad | None]:
-    """wrk's saturation figures; for the cached server, also the paced ones."""
+) -> tuple[WrkResult, paced.PacedLoad]:
+    """wrk's saturation figures, then half that rate offered by the paced client."""
     redis_url = settings.redis_url if cached else CLOSED_REDIS_URL
     server = await _start_server(settings, redis_url)
-    fixed = None
     try:
         path = f"/v1/feedback/{insight_id}/stats"
         url = server.base + path
@@ -345,8 +353,7 @@ async def _http_phase(
             raise RuntimeError(f"unexpected answer {status} {body!r}; log:\n{server.tail()}")
         await _wrk(wrk, url, WRK_WARMUP_S)  # connections, pools, code paths; discarded
         result = await _wrk(wrk, url, WRK_DURATION_S)
-        if cached:
-            fixed = await _paced(server, path, result.requests_per_s * PACED_SHARE)
+        fixed = await _paced(server, path, result.requests_per_s * PACED_SHARE)
     finally:
         await _stop_server(server)
     # The cache logs each time it gives up on Redis (at most once a second): the
@@ -360,24 +367,27 @@ async def _http_phase(
 
 
 async def _ceiling_phase(
-    settings: Settings, wrk: str, paced_per_s: float
-) -> tuple[WrkResult, paced.PacedLoad]:
-    """The do-nothing server, on as many processes as ``serve``, loaded like it."""
+    settings: Settings, wrk: str, paced_rates_per_s: list[float]
+) -> tuple[WrkResult, list[paced.PacedLoad]]:
+    """The do-nothing server, on as many processes as ``serve``, loaded like it: wrk,
+    then each of the paced rates the reads were offered."""
     server = await _start_server(settings, settings.redis_url, CEILING)
     try:
         path = "/v1/feedback/ceiling/stats"
         await _wrk(wrk, server.base + path, WRK_WARMUP_S)
         result = await _wrk(wrk, server.base + path, WRK_DURATION_S)
-        return result, await _paced(server, path, paced_per_s)
+        return result, [await _paced(server, path, rate) for rate in paced_rates_per_s]
     finally:
         await _stop_server(server)
 
 
-async def _raw_database_read(settings: Settings, insight_id: str) -> tuple[float, float]:
-    """(p99 ms, reads/s) of the uncached read's statement alone, on an asyncpg pool of
-    its own with a connection per reader: the least a read from PostgreSQL costs here.
-    Its release skips asyncpg's reset query (a second round trip per read), which a
-    single SELECT outside a transaction has no state for."""
+async def _raw_database_read(
+    settings: Settings, insight_id: str, paced_per_s: float
+) -> tuple[float, float, float]:
+    """(p99 ms, reads/s, p99 ms offered ``paced_per_s``) of the uncached read's statement
+    alone, on an asyncpg pool of its own with a connection per reader: the least a read
+    from PostgreSQL costs here. Its release skips asyncpg's reset query (a second round
+    trip per read), which a single SELECT outside a transaction has no state for."""
     url = make_url(settings.database_url).set(drivername="postgresql")
 
     async def keep_session(connection: asyncpg.Connection) -> None:
@@ -396,9 +406,10 @@ async def _raw_database_read(settings: Settings, insight_id: str) -> tuple[float
                 return await connection.fetchrow(STATS_SQL, insight_id)
 
         _, p99, rate = await _measure(raw_read)
+        _, paced_p99 = await _pace(raw_read, paced_per_s)
     finally:
         await pool.close()
-    return p99, rate
+    return p99, rate, paced_p99
 
 
 async def _store_many(engine: AsyncEngine, insight_id: str, rows: int) -> None:
@@ -464,6 +475,8 @@ async def run() -> None:
                 "paused or flushed by another process?); run again"
             )
         u50, u99, u_rate = await _measure(uncached)
+        u_paced_per_s = u_rate * PACED_SHARE
+        u_paced50, u_paced99 = await _pace(uncached, u_paced_per_s)
 
         raw_reads = cache.reads
         if raw_reads is None:
@@ -482,14 +495,15 @@ async def run() -> None:
             return await db.get_feedback_stats(big_id)
 
         _, u99_big, _ = await _measure(uncached_big)
-        raw_db_p99, raw_db_rate = await _raw_database_read(settings, insight_id)
+        raw_db_p99, raw_db_rate, raw_db_paced99 = await _raw_database_read(
+            settings, insight_id, u_paced_per_s
+        )
 
         total = expected.total_ratings
         cached_http, cached_paced = await _http_phase(settings, True, insight_id, total, wrk)
-        uncached_http, _ = await _http_phase(settings, False, insight_id, total, wrk)
-        assert cached_paced is not None
-        ceiling_http, ceiling_paced = await _ceiling_phase(
-            settings, wrk, cached_paced.offered_per_s
+        uncached_http, uncached_paced = await _http_phase(settings, False, insight_id, total, wrk)
+        ceiling_http, (ceiling_paced, ceiling_uncached_paced) = await _ceiling_phase(
+            settings, wrk, [cached_paced.offered_per_s, uncached_paced.offered_per_s]
         )
     finally:
         with contextlib.suppress(Exception):
@@ -506,6 +520,14 @@ async def run() -> None:
     report(SCENARIO, "uncached_in_process_p50_ms", u50)
     report(SCENARIO, "uncached_in_process_p99_ms", u99)
     report(SCENARIO, "uncached_in_process_p99_ms_1m_rows", u99_big)
+    report(SCENARIO, "uncached_in_process_paced_p50_ms", u_paced50)
+    report(
+        SCENARIO,
+        "uncached_in_process_paced_p99_ms",
+        u_paced99,
+        f"raw_asyncpg_read_paced_at_{u_paced_per_s:.0f}_per_s",
+        raw_db_paced99,
+    )
     report(SCENARIO, "uncached_in_process_reads_per_s", u_rate, "raw_asyncpg_read", raw_db_rate)
     report(SCENARIO, "raw_asyncpg_read_p99_ms", raw_db_p99)
     report(SCENARIO, "cached_http_p50_ms", cached_http.p50_ms)
@@ -519,3 +541,4 @@ async def run() -> None:
     report(SCENARIO, "uncached_http_p99_ms", uncached_http.p99_ms)
     report(SCENARIO, "uncached_http_req_per_s", uncached_http.requests_per_s)
     paced.report_against(SCENARIO, "cached_http_paced", cached_paced, ceiling_paced)
+    paced.report_against(SCENARIO, "uncached_http_paced", uncached_paced, ceiling_uncached_paced)

@@ -57,3 +57,42 @@ async def test_requests_go_out_at_the_rate_asked() -> None:
     assert min(latency_ms for _, latency_ms in load.timeline) > 0
     spread_s = arrivals[-1] - arrivals[0]
     assert 199 / 400 * 0.9 < spread_s < 199 / 400 + 0.1, spread_s
+
+
+async def test_in_process_a_stalled_call_is_charged_to_every_call_due_during_it() -> None:
+    started: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    async def call() -> None:
+        started.append(loop.time())
+        if len(started) == 50:
+            await asyncio.sleep(STALL_S)
+
+    rate, count = 500.0, 300
+    load = await paced.offer_calls(call, count, rate, 1)
+    assert (load.sent, load.ok, load.failed) == (count, count, 0)
+    # One task: the ~100 calls due during the stall waited for it, each from its due time.
+    assert load.max_ms >= STALL_S * 1000 * 0.9
+    assert load.p50_ms < 50 < STALL_S * 1000 * 0.4 < load.p99_ms, load
+    assert started[-1] - started[0] < count / rate + STALL_S + 0.2
+
+
+async def test_in_process_calls_go_out_at_the_rate_asked_and_overlap() -> None:
+    started: list[float] = []
+    in_flight, most = 0, 0
+    loop = asyncio.get_running_loop()
+
+    async def call() -> None:
+        nonlocal in_flight, most
+        started.append(loop.time())
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0.01)  # longer than the interval: needs several tasks
+        in_flight -= 1
+
+    load = await paced.offer_calls(call, 200, 400.0, 8)
+    assert load.ok == 200 and load.p99_ms < 50, load
+    assert min(latency_ms for _, latency_ms in load.timeline) > 0
+    assert 2 <= most <= 8
+    spread_s = started[-1] - started[0]
+    assert 199 / 400 * 0.9 < spread_s < 199 / 400 + 0.1, spread_s
