@@ -9,8 +9,9 @@ each, with their baselines, in one run; a checkpoint before every timed part):
   with no store behind it. Goal: ratio >= 0.8. The cache is warm for both: an
   untimed ``pg_dump -Fc -f`` (the restore baseline's file) runs first;
 - ``verify_s``: seconds of "backup verified" (restore into a scratch database);
-- ``peak_rss_mb``: ``ru_maxrss`` of ``os.wait4`` on ``backup run``: the largest of the
-  worker and the children it waited for (pg_dump, pg_restore). Goal: <= 150 MB;
+- ``peak_rss_mb``: of ``backup run``, the largest of the worker and its children
+  (pg_dump, pg_restore), each its own high-water mark (``bench.stack.TreePeakRss``).
+  Goal: <= 150 MB;
 - ``restore_mb_per_s``: size_bytes / seconds of "backup restored" (``backup restore
   --latest --jobs 2`` into an empty database), against ``pg_restore_local_mb_per_s``:
   ``pg_restore -j 2`` of the local file into another, its bytes over wall time.
@@ -38,6 +39,7 @@ import asyncpg
 from bench import common
 from bench.backup_data import DATABASE, MIB, ensure_data, say
 from bench.common import _as_admin, _drop, asyncpg_dsn, report, scratch_settings
+from bench.stack import TreePeakRss
 from worker.cli.main import run_async
 from worker.config import Settings
 
@@ -113,8 +115,8 @@ class WorkerRun:
 
 
 def run_worker(env: dict[str, str], *args: str) -> WorkerRun:
-    """``python -m worker ARGS`` to its end; fails with stderr's tail on an error.
-    ``ru_maxrss`` of ``os.wait4`` covers it and the children it waited for."""
+    """``python -m worker ARGS`` to its end; fails with stderr's tail on an error. Its
+    peak RSS is the largest of it and its children (``TreePeakRss``)."""
     command = [sys.executable, "-m", "worker", *args]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     events: dict[str, dict[str, Any]] = {}
@@ -131,10 +133,10 @@ def run_worker(env: dict[str, str], *args: str) -> WorkerRun:
 
     reader = threading.Thread(target=watch, daemon=True)
     reader.start()
-    _, status, usage = os.wait4(process.pid, 0)  # ru_maxrss in KiB
-    process.returncode = os.waitstatus_to_exitcode(status)
+    with TreePeakRss(process.pid) as peak:
+        process.wait()
     reader.join()
-    run = WorkerRun(events, usage.ru_maxrss / 1024, "".join(tail))
+    run = WorkerRun(events, peak.mb, "".join(tail))
     if process.returncode:
         raise RuntimeError(f"{' '.join(command[1:])} exited {process.returncode}:\n{run.tail}")
     return run
