@@ -79,14 +79,14 @@ INGEST_MARGIN = 3
 INGEST_ATTEMPTS = 3
 
 
-class _RunTooShort(RuntimeError):
-    """The retention run ended inside the measured window."""
-
-
 RUN_ARGS = ("retention", "run", "--table", "system_metrics")
 LOCK_SQL = """SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted
 AND classid = $1::bigint::oid AND objid = $2::bigint::oid AND objsubid = 1"""
 PAST_SQL = 'SELECT count(*) FROM system_metrics WHERE "timestamp" < $1'
+
+
+class _RunTooShort(RuntimeError):
+    """The retention run ended inside the measured window."""
 
 
 async def copy_to_devnull(settings: Settings, cutoff: datetime) -> float:

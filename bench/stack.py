@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import signal
@@ -153,11 +154,13 @@ def _descendants(pid: int) -> list[int]:
         except FileNotFoundError:
             continue
         for task in tasks:
-            try:
-                with open(f"/proc/{parent}/task/{task}/children") as children:
-                    todo.extend(int(child) for child in children.read().split())
-            except FileNotFoundError:
-                continue
+            # A thread or process that ends meanwhile (pg_dump's children do) is gone
+            # from /proc, or answers ESRCH: skip it rather than end the sampling.
+            with (
+                contextlib.suppress(FileNotFoundError, ProcessLookupError),
+                open(f"/proc/{parent}/task/{task}/children") as children,
+            ):
+                todo.extend(int(child) for child in children.read().split())
     return found
 
 

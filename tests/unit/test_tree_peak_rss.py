@@ -19,8 +19,9 @@ def test_a_small_child_of_a_big_process_is_measured_small() -> None:
     ballast = bytearray(400 * MIB)  # this process, grown big before the fork
     process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])
     with TreePeakRss(process.pid) as peak:
-        _, _, usage = os.wait4(process.pid, 0)
-    process.returncode = 0
+        _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    assert process.returncode == 0
     del ballast
     assert 0 < peak.mb < 100, peak.mb
     # What the benchmarks read before: the child's ru_maxrss counts the fork's memory.
